@@ -10,58 +10,691 @@ Sections, top to bottom:
   5. pretraining dataloader (BOS-aligned best fit)
   6. tasks (chat datasets) and the code sandbox
   7. inference engine and calculator tool
+  8. report card
 """
 
 # =============================================================================================
 # 1. Run setup
 # =============================================================================================
 
-# (owner: tokenizer/data/checkpoints work; API used by every stage)
-#   get_base_dir() -> str                      $NANOCHAT_BASE_DIR or ~/.cache/nanochat, created
-#   autodetect_device_type() -> str            "cuda" > "mps" > "cpu"
-#   compute_init(device_type="") -> (ddp, rank, local_rank, world_size, device)
-#   compute_cleanup()
-#   print0(*args, **kwargs)                    print on rank 0 only
-#   get_peak_flops(device_name) -> float       bf16 peak, inf when unknown
+import base64
+import concurrent.futures
+import contextlib
+import copy
+import fcntl
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import requests
+import tiktoken
+import torch
+import torch.distributed as dist
+
+
+class NanochatError(SystemExit):
+    """A problem the user has to fix (missing file, no network, bad checkpoint), said in one line.
+    It subclasses SystemExit on purpose: uncaught, a script exits with status 1 and prints just the
+    message, no traceback; code that wants to carry on (a server, a test) catches it by this name."""
+
+
+def get_base_dir():
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp_requested():
+    # torchrun sets all three; a plain `python script.py` sets none
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def compute_init(device_type="", seed=42):
+    """Pick the device, seed the global RNG (it only drives weight init), join the torchrun process group.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if device_type not in available:
+        raise NanochatError(f"unknown --device-type {device_type!r}: use cuda, mps or cpu")
+    if not available[device_type]:
+        raise NanochatError(f"--device-type {device_type} requested but it is not available here: "
+                            f"use --device-type {autodetect_device_type()}")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls
+    ddp = is_ddp_requested()
+    rank, local_rank, world_size = 0, 0, 1
+    device = torch.device(device_type)
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")  # CPU (and MPS, which has no collective backend) go through gloo
+        dist.barrier()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_logger(name="nanochat"):
+    """Logger that tags lines with the rank; ranks other than 0 only report warnings and errors."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {get_rank()}] %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if get_rank() == 0 else logging.WARNING)
+        logger.propagate = False
+    return logger
+
+
+# bf16 dense peak FLOP/s; substring match in this order, so the more specific names come first
+PEAK_FLOPS = [
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("B100", 1.8e15),
+    ("H200 NVL", 836e12), ("H200 PCIE", 836e12), ("H200", 989e12),
+    ("H100 NVL", 835e12), ("H100 PCIE", 756e12), ("H100", 989e12),
+    ("H800 NVL", 989e12), ("H800", 756e12), ("A100", 312e12), ("A800", 312e12),
+    ("A40", 149.7e12), ("A30", 165e12), ("L40S", 362e12), ("L4", 121e12),
+    ("MI355", 2.5e15), ("MI325", 1.3074e15), ("MI300X", 1.3074e15), ("MI300A", 980.6e12),
+    ("MI250X", 383e12), ("MI250", 362.1e12), ("RTX 5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+]
+
+
+def get_peak_flops(device_name):
+    """Peak bf16 FLOP/s of a GPU from its name; inf when unknown (MFU then reads 0)."""
+    name = device_name.upper()
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops
+    return float("inf")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write to a temp file beside `path` and rename it over `path` only once the block has finished,
+    so a crash or a full disk never leaves a half-written file under the real name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # =============================================================================================
 # 2. Tokenizer and conversation rendering
 # =============================================================================================
 
-# (owner: tokenizer/data/checkpoints work)
-#   SPECIAL_TOKENS, SPLIT_PATTERN
-#   class Tokenizer: train(text_iter, vocab_size) [classmethod], save(dir), load(dir) [classmethod],
-#       encode(text|list, prepend=None, append=None, num_threads=8), decode(ids),
-#       encode_special(name), get_bos_token_id(), get_vocab_size(), id_to_token(id),
-#       render_conversation(conversation, max_tokens=2048) -> (ids, mask),
-#       render_for_completion(conversation) -> ids
-#   get_tokenizer() -> Tokenizer               from <base>/tokenizer
-#   get_token_bytes(device) -> LongTensor      bytes per token id, 0 for specials
+SPECIAL_TOKENS = [
+    "<|bos|>",  # document delimiter, prepended to every document and conversation
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",  # the assistant calls the calculator/python tool
+    "<|output_start|>", "<|output_end|>",  # the tool's answer, written by the engine, not learned
+]
+# GPT-4's split pattern, but numbers split into groups of 1-2 digits (not 1-3): better bpb at small vocab
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """BPE trained with rustbpe, run with tiktoken. Special tokens come after the merged tokens."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = self.encode_special("<|bos|>")
+
+    @classmethod
+    def from_ranks(cls, mergeable_ranks, pattern, special_tokens=SPECIAL_TOKENS):
+        n = len(mergeable_ranks)
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                special_tokens={name: n + i for i, name in enumerate(special_tokens)})
+        return cls(enc)
+
+    @classmethod
+    def train(cls, text_iter, vocab_size):
+        import rustbpe
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise NanochatError(f"--vocab-size {vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(text_iter, num_ranks, pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+        return cls.from_ranks(ranks, bpe.get_pattern())
+
+    def save(self, tokenizer_dir):
+        """Plain JSON (no pickle): the split pattern, the specials, and token bytes (base64) in rank order.
+        Also writes token_bytes.pt, the byte length of each token id used for bits-per-byte."""
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        ranks = self.enc._mergeable_ranks
+        tokens = sorted(ranks, key=ranks.get)
+        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
+        payload = {"pattern": self.enc._pat_str, "special_tokens": list(self.enc._special_tokens),
+                   "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}
+        with atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), "w") as f:
+            json.dump(payload, f)
+        with atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), "wb") as f:
+            torch.save(self.token_bytes(), f)
+
+    @classmethod
+    def load(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                payload = json.load(f)
+            ranks = {base64.b64decode(t): i for i, t in enumerate(payload["mergeable_ranks"])}
+            specials = sorted(payload["special_tokens"], key=payload["special_tokens"].get) \
+                if isinstance(payload["special_tokens"], dict) else payload["special_tokens"]
+            return cls.from_ranks(ranks, payload["pattern"], specials)
+        pkl = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        if os.path.exists(pkl):
+            # the reference's format: a pickled tiktoken.Encoding. Unpickling runs code from the
+            # file, so only load a tokenizer.pkl you made yourself or got from a source you trust.
+            import pickle
+            with open(pkl, "rb") as f:
+                return cls(pickle.load(f))
+        raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def get_special_tokens(self):
+        return set(self.enc.special_tokens_set)
+
+    def encode_special(self, text):
+        return self.enc.encode_single_token(text)
+
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
+
+    def decode_single_token_bytes(self, token_id):
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def _as_id(self, token):
+        return token if isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """str -> list of ids, list[str] -> list of lists (threaded). Special-token strings inside the
+        text are ordinary text; `prepend`/`append` (an id or a special-token name) go on every row."""
+        head = [] if prepend is None else [self._as_id(prepend)]
+        tail = [] if append is None else [self._as_id(append)]
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text) + tail
+        rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        return [head + row + tail for row in rows]
+
+    __call__ = encode
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_bytes(self):
+        """int32 tensor: UTF-8 byte length of each token id (raw bytes, not re-decoded), 0 for specials."""
+        specials = set(self.enc._special_tokens.values())
+        return torch.tensor([0 if i in specials else len(self.enc.decode_single_token_bytes(i))
+                             for i in range(self.get_vocab_size())], dtype=torch.int32)
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """Tokenize a chat; mask 1 marks the tokens the model learns to produce (the assistant's own),
+        0 the rest (BOS, user turns, tool outputs). Returns (ids, mask), both cut to max_tokens."""
+        messages = conversation["messages"]
+        if messages and messages[0]["role"] == "system":
+            # no system slot in the format: fold it into the first user turn
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            messages = copy.deepcopy(messages[1:])
+            messages[0]["content"] = conversation["messages"][0]["content"] + "\n\n" + messages[0]["content"]
+        ids, mask = [], []
+
+        def add(token_ids, supervised):
+            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+            ids.extend(token_ids)
+            mask.extend([supervised] * len(token_ids))
+
+        special = self.encode_special
+        add(self.bos_token_id, 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} "
+                                 "(messages must alternate user, assistant, ...)")
+            content = message["content"]
+            if expected == "user":
+                if not isinstance(content, str):
+                    raise ValueError("user content must be a string")
+                add(special("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(special("<|user_end|>"), 0)
+                continue
+            add(special("<|assistant_start|>"), 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                if part["type"] == "text":
+                    add(self.encode(part["text"]), 1)
+                elif part["type"] == "python":
+                    add(special("<|python_start|>"), 1)
+                    add(self.encode(part["text"]), 1)
+                    add(special("<|python_end|>"), 1)
+                elif part["type"] == "python_output":  # produced by the interpreter at inference
+                    add(special("<|output_start|>"), 0)
+                    add(self.encode(part["text"]), 0)
+                    add(special("<|output_end|>"), 0)
+                else:
+                    raise ValueError(f"unknown assistant part type {part['type']!r}")
+            add(special("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Prompt ids for sampling the final assistant turn: drop it, render, open a new assistant turn."""
+        messages = conversation["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion expects the conversation to end with an assistant message")
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=10**9)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def get_tokenizer():
+    return Tokenizer.load(os.path.join(get_base_dir(), "tokenizer"))
+
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
+    if not os.path.exists(path):
+        raise NanochatError(f"{path} not found: run `python train_tokenizer.py` first")
+    return torch.load(path, map_location=device, weights_only=True).long()
 
 
 # =============================================================================================
 # 3. Downloads and pretraining data
 # =============================================================================================
 
-# (owner: tokenizer/data/checkpoints work)
-#   source_for(default_url, mirror_relpath) -> str   URL or local path; NANOCHAT_MIRROR switches it
-#   download_file(source, dest_path, desc=None) -> str   retries, temp+rename, lock, progress
-#   pretrain_data_dir() -> str
-#   download_shards(num_train_shards, num_workers=4)      always includes the validation shard
-#   list_parquet_files() -> list[str]                     train = all but last, val = last
-#   iter_row_groups(split, rank=0, world_size=1, start=(0, 0)) -> yields (pq_idx, rg_idx, texts)
+MIRROR_HINT = "No network? Point NANOCHAT_MIRROR at a mirror URL or a directory laid out like shared/data"
+SHARD_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
+NUM_SOURCE_SHARDS = 6543  # shards 0..6542 on the hub; the last one is the validation shard
+
+
+def is_url(source):
+    return source.startswith(("http://", "https://"))
+
+
+def source_for(default_url, mirror_relpath):
+    """Where to fetch a file from: the real URL, or the same file in $NANOCHAT_MIRROR, which is either
+    a base URL or a local directory laid out like shared/data (pretrain/, eval_bundle/, mmlu/, ...)."""
+    mirror = os.environ.get("NANOCHAT_MIRROR")
+    if not mirror:
+        return default_url
+    if is_url(mirror):
+        return mirror.rstrip("/") + "/" + mirror_relpath
+    mirror = mirror.removeprefix("file://")
+    return os.path.join(os.path.expanduser(mirror), mirror_relpath)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Exclusive lock on `path`.lock, shared by threads, ranks and concurrent runs (POSIX flock)."""
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def progress_line(desc, done, total, t0):
+    """'desc  12.3/45.6 MB  3.1 MB/s  ETA 0:11' (total may be None when the server sends no length)."""
+    elapsed = max(time.time() - t0, 1e-6)
+    rate = done / elapsed
+    if not total:
+        return f"{desc}  {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
+    eta = (total - done) / rate if rate > 0 else 0
+    return f"{desc}  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+
+
+class RetryableError(Exception):
+    pass
+
+
+class CannotConnect(RetryableError):
+    """Host unknown or refusing: on the first attempt that means no network, so we fail at once."""
+
+
+def short_reason(e):
+    """requests nests the cause three deep; keep the innermost reason ('[Errno -2] Name or service not known')."""
+    inner = getattr(e.args[0], "reason", None) if e.args else None
+    text = str(inner or e)
+    m = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return f"{type(inner or e).__name__}: {m.group(0) if m else text[:200]}"
+
+
+def _fetch_once(url, tmp, desc):
+    """Stream one HTTP GET into `tmp`; raises RetryableError for what a retry can fix."""
+    try:
+        with requests.get(url, stream=True, timeout=(15, 60)) as r:
+            if r.status_code in (408, 429) or r.status_code >= 500:
+                raise RetryableError(f"HTTP {r.status_code}")
+            if r.status_code >= 400:  # 404 and friends: retrying cannot help
+                raise NanochatError(f"could not download {url}: HTTP {r.status_code} {r.reason}. "
+                                    + ("Check the URL or the mirror's layout" if os.environ.get("NANOCHAT_MIRROR") else MIRROR_HINT))
+            # Content-Length counts bytes on the wire: only comparable when the body is not re-encoded
+            expected = None if r.headers.get("Content-Encoding") else r.headers.get("Content-Length")
+            expected = int(expected) if expected is not None else None
+            done, t0, last_print = 0, time.time(), 0.0
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if desc and time.time() - last_print > 1.0:
+                        print0("\r" + progress_line(desc, done, expected, t0), end="")
+                        last_print = time.time()
+            if desc and last_print:
+                print0()
+    except requests.RequestException as e:  # refused, reset, timeout, body cut short
+        inner = getattr(e.args[0], "reason", None) if e.args else None
+        no_connection = type(inner).__name__ in ("NameResolutionError", "NewConnectionError", "ProxyError")
+        raise (CannotConnect if no_connection else RetryableError)(short_reason(e)) from e
+    if expected is not None and done != expected:
+        raise RetryableError(f"got {done} of {expected} bytes")
+
+
+def download_file(source, dest_path, desc=None, attempts=5, backoff=None):
+    """Fetch `source` (URL or local path, see source_for) to `dest_path` unless it is already there.
+    Streams to a temp file, checks the byte count, renames; retries with exponential backoff
+    (NANOCHAT_DOWNLOAD_BACKOFF seconds, default 2, doubling); a file lock makes ranks and concurrent
+    runs wait for one download instead of racing. Raises NanochatError with a one-line reason."""
+    if os.path.exists(dest_path):
+        return dest_path
+    backoff = float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)) if backoff is None else backoff
+    os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
+    with file_lock(dest_path):
+        if os.path.exists(dest_path):  # someone else finished it while we waited for the lock
+            return dest_path
+        tmp = f"{dest_path}.tmp{os.getpid()}.{threading.get_ident()}"
+        try:
+            if not is_url(source):
+                if not os.path.isfile(source):
+                    raise NanochatError(f"could not copy {source}: no such file (is NANOCHAT_MIRROR laid out like shared/data?)")
+                shutil.copyfile(source, tmp)
+                if os.path.getsize(tmp) != os.path.getsize(source):
+                    raise NanochatError(f"could not copy {source}: size mismatch (disk full?)")
+                os.replace(tmp, dest_path)
+                return dest_path
+            for attempt in range(attempts):
+                try:
+                    _fetch_once(source, tmp, desc)
+                    os.replace(tmp, dest_path)
+                    return dest_path
+                except RetryableError as e:
+                    reason = str(e)
+                    if attempt == 0 and isinstance(e, CannotConnect):
+                        break
+                    if attempt + 1 < attempts:
+                        wait = backoff * 2 ** attempt
+                        print0(f"download of {source} failed ({reason}); retry {attempt + 1}/{attempts - 1} in {wait:.0f}s")
+                        time.sleep(wait)
+            raise NanochatError(f"could not download {source}: {reason}. {MIRROR_HINT}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def pretrain_data_dir():
+    return os.path.join(get_base_dir(), "base_data_climbmix")
+
+
+def shard_path(index):
+    return os.path.join(pretrain_data_dir(), f"shard_{index:05d}.parquet")
+
+
+def num_source_shards():
+    """How many shards the source holds (the last is validation): 6543 on the hub; for a mirror,
+    counted in its directory or found by probing the URL with HEAD requests (shards are numbered 0..n-1)."""
+    mirror = os.environ.get("NANOCHAT_MIRROR")
+    if not mirror:
+        return NUM_SOURCE_SHARDS
+    first = source_for(SHARD_URL.format(0), "pretrain/shard_00000.parquet")
+    if not is_url(first):
+        return len(glob.glob(os.path.join(os.path.dirname(first), "shard_*.parquet")))
+
+    def exists(i):
+        try:
+            return requests.head(source_for("", f"pretrain/shard_{i:05d}.parquet"), timeout=15).ok
+        except requests.RequestException as e:
+            raise NanochatError(f"could not reach mirror {mirror}: {e}. {MIRROR_HINT}") from e
+    if not exists(0):
+        return 0
+    lo, hi = 0, 1  # exists(lo) is true; grow hi until it is missing, then bisect
+    while exists(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if exists(mid) else (lo, mid)
+    return hi
+
+
+def download_shard(index):
+    relpath = f"pretrain/shard_{index:05d}.parquet"
+    return download_file(source_for(SHARD_URL.format(index), relpath), shard_path(index))
+
+
+def download_shards(num_train_shards, num_workers=4, background=False):
+    """Download the first `num_train_shards` training shards plus the validation shard (the source's
+    last), in parallel threads. -1 means all. With background=True returns a Future at once
+    (its .result() waits and re-raises any error): the speedrun fetches data while the tokenizer trains."""
+    if background:
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        future = executor.submit(download_shards, num_train_shards, num_workers)
+        executor.shutdown(wait=False)
+        return future
+    total = num_source_shards()
+    if total < 2:
+        raise NanochatError(f"the data source has {total} shards, need at least 2 (train + validation)")
+    num_train = total - 1 if num_train_shards < 0 else min(num_train_shards, total - 1)
+    if num_train < num_train_shards:
+        print0(f"the source has only {total - 1} training shards; downloading those")
+    indices = [total - 1] + list(range(num_train))
+    todo = [i for i in indices if not os.path.exists(shard_path(i))]
+    t0, done_bytes = time.time(), 0
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        futures = [pool.submit(download_shard, i) for i in todo]
+        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            done_bytes += os.path.getsize(future.result())
+            eta = (time.time() - t0) / n * (len(todo) - n)
+            print0(f"\rshards {n}/{len(todo)}  {done_bytes / 1e6:.0f} MB  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+                   end="\n" if n == len(todo) else "")
+    return [shard_path(i) for i in indices]
+
+
+def list_parquet_files(data_dir=None):
+    """Local shards, sorted. Train = all but the last, validation = the last."""
+    data_dir = data_dir or pretrain_data_dir()
+    files = sorted(glob.glob(os.path.join(data_dir, "*.parquet")))
+    if not files:
+        raise NanochatError(f"no pretraining shards in {data_dir}: run `python train_tokenizer.py` (it downloads them)")
+    return files
+
+
+def split_files(split, data_dir=None):
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    files = list_parquet_files(data_dir)
+    if len(files) < 2:
+        raise NanochatError(f"need at least 2 shards in {data_dir or pretrain_data_dir()} (train + validation), found {len(files)}")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def iter_row_groups(split, rank=0, world_size=1, start=(0, 0), data_dir=None):
+    """One pass over the split: yields (pq_idx, rg_idx, texts) for the row groups of this rank
+    (rg_idx = rank, rank + world_size, ... in each file), beginning at position `start` = (pq_idx, rg_idx)
+    inclusive; pq_idx indexes the split's file list."""
+    for pq_idx, path in enumerate(split_files(split, data_dir)):
+        if pq_idx < start[0]:
+            continue
+        parquet = pq.ParquetFile(path)
+        first = start[1] if pq_idx == start[0] else 0
+        for rg_idx in range(rank, parquet.num_row_groups, world_size):
+            if rg_idx >= first:
+                yield pq_idx, rg_idx, parquet.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 
 
 # =============================================================================================
 # 4. Checkpoints
 # =============================================================================================
 
-# (owner: tokenizer/data/checkpoints work)
-#   checkpoint_dir(stage, model_tag) -> str    stage in {"base", "sft", "rl"}
-#   save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0)
-#   load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0) -> (model_state, optim_state, meta)
-#   load_model(stage, device, phase="eval", model_tag=None, step=None) -> (model, tokenizer, meta)
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+STAGE_SCRIPTS = {"base": "pretrain.py", "sft": "sft.py", "rl": "rl.py"}
+
+
+def checkpoint_dir(stage, model_tag):
+    if stage not in CHECKPOINT_DIRS:
+        raise ValueError(f"stage must be one of {list(CHECKPOINT_DIRS)}, not {stage!r}")
+    return os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage], model_tag)
+
+
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0):
+    """Every rank writes its optimizer shard; rank 0 then writes the model and, last, the meta JSON.
+    Each file goes to a temp name and is renamed when complete, and a step counts as saved only once
+    its meta exists, so a crash mid-write leaves the previous checkpoint the latest loadable one."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if optimizer_state is not None:
+        with atomic_write(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")) as f:
+            torch.save(optimizer_state, f)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # all optimizer shards are on disk before the meta declares the step complete
+    if rank == 0:
+        with atomic_write(os.path.join(ckpt_dir, f"model_{step:06d}.pt")) as f:
+            torch.save(model_state, f)
+        with atomic_write(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+def _saved_steps(ckpt_dir):
+    """[(mtime_ns, step)] of the complete checkpoints (those with a meta file) in ckpt_dir."""
+    steps = []
+    for path in glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
+        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
+        if m and os.path.exists(os.path.join(ckpt_dir, f"model_{m.group(1)}.pt")):
+            steps.append((os.stat(path).st_mtime_ns, int(m.group(1))))
+    return steps
+
+
+def find_last_step(ckpt_dir):
+    """The most recently written step (meta file mtime, ties -> larger step), not just the largest
+    number: a fresh run into an old tag must not resume from the old run's later steps."""
+    steps = _saved_steps(ckpt_dir)
+    if not steps:
+        raise NanochatError(f"no checkpoint (meta_*.json + model_*.pt) in {ckpt_dir}")
+    return max(steps)[1]
+
+
+def find_last_tag(stage_dir):
+    """The tag whose newest checkpoint was written most recently (the reference guesses the largest depth)."""
+    tags = [(max(steps), tag) for tag in sorted(os.listdir(stage_dir)) if (steps := _saved_steps(os.path.join(stage_dir, tag)))]
+    if not tags:
+        raise NanochatError(f"no checkpoints in {stage_dir}")
+    return max(tags)[1]
+
+
+def _torch_load(path, device):
+    if not os.path.exists(path):
+        raise NanochatError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise NanochatError(f"checkpoint file {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
+                            "delete that step to fall back to an earlier one") from e
+
+
+def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
+    """Returns (model_state, optimizer_state or None, meta). The optimizer shard is None when not asked
+    for or absent (e.g. the checkpoint was written with another number of ranks)."""
+    if not os.path.isdir(ckpt_dir):
+        raise NanochatError(f"checkpoint directory {ckpt_dir} does not exist")
+    meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise NanochatError(f"cannot read {meta_path}: {e}") from e
+    model_state = _torch_load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
+    optimizer_state = None
+    optim_path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
+    if load_optimizer and os.path.exists(optim_path):
+        optimizer_state = _torch_load(optim_path, device)
+    elif load_optimizer:
+        print0(f"no optimizer state {optim_path}; starting the optimizer fresh")
+    return model_state, optimizer_state, meta
+
+
+def load_model(stage, device, phase="eval", model_tag=None, step=None):
+    """Build the GPT of a saved checkpoint on `device` -> (model, tokenizer, meta). Defaults: the most
+    recently written tag and step. Also reads the reference's own checkpoint directories."""
+    from model import GPTConfig, build_gpt  # imported here: only this function needs the model code
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
+    stage_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage])
+    if not os.path.isdir(stage_dir):
+        raise NanochatError(f"no {stage} checkpoints: {stage_dir} does not exist; run `{STAGE_SCRIPTS[stage]}` first")
+    model_tag = model_tag or find_last_tag(stage_dir)
+    ckpt_dir = os.path.join(stage_dir, model_tag)
+    step = find_last_step(ckpt_dir) if step is None else step
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile'd keys
+    config_kwargs = dict(meta["model_config"])
+    config_kwargs.setdefault("window_pattern", "L")  # checkpoints from before sliding windows
+    config = GPTConfig(**config_kwargs)
+    if "resid_lambdas" not in model_state:  # checkpoints from before the per-layer residual scalars
+        model_state["resid_lambdas"] = torch.ones(config.n_layer)
+        model_state["x0_lambdas"] = torch.zeros(config.n_layer)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise NanochatError(f"tokenizer vocab {tokenizer.get_vocab_size()} != checkpoint vocab {config.vocab_size} "
+                            f"({ckpt_dir}): the tokenizer in {get_base_dir()}/tokenizer is not the one this model was trained with")
+    model = build_gpt(config, device)
+    # copying into the fresh parameters casts to the dtypes the model uses on this device:
+    # the reference's bf16 embeddings become fp32 on CPU/MPS
+    model.load_state_dict(model_state, strict=True)
+    model.train() if phase == "train" else model.eval()
+    print0(f"loaded {stage} checkpoint {model_tag} step {step} from {ckpt_dir}")
+    return model, tokenizer, meta
 
 
 # =============================================================================================
@@ -69,13 +702,751 @@ Sections, top to bottom:
 # =============================================================================================
 
 # (owner: pretraining work)
+# Every row of a batch starts with BOS and is filled, without padding, by best fit: the largest buffered
+# document that fits whole, else the shortest one cropped to the space left (§7.2). The documents come
+# from "streams": stream s of S reads row groups s, s+S, s+2S, ... of every shard. pretrain.py gives each
+# (rank, micro-step) pair its own stream, so a step sees the same data whatever the split between GPUs
+# and gradient accumulation. Reading, tokenizing and packing run in a background thread; each batch
+# carries a small state (next unread position + the buffered documents' positions) from which the very
+# same batch is rebuilt, so a resumed run continues bit for bit.
+
+import bisect
+import math
+import queue
+
+import numpy as np
+
+# completed greedily during pretraining and by `evaluate.py --eval sample` (§6.5)
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+def iter_doc_batches(files, stream, num_streams, start=None, batch_docs=128):
+    """Forever yields (position, texts): up to batch_docs documents of one row group. A position is
+    (epoch, pq_idx, rg_idx, offset); `start` is where to begin (default: the stream's first row group)."""
+    epoch, pq_idx, rg_idx, offset = start or (1, 0, stream, 0)
+    first_pass = True
+    while True:
+        found = False
+        while pq_idx < len(files):
+            parquet = pq.ParquetFile(files[pq_idx])
+            while rg_idx < parquet.num_row_groups:
+                texts = parquet.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                for off in range(offset, len(texts), batch_docs):
+                    found = True
+                    yield (epoch, pq_idx, rg_idx, off), texts[off:off + batch_docs]
+                rg_idx, offset = rg_idx + num_streams, 0
+            pq_idx, rg_idx = pq_idx + 1, stream
+        if not found and not first_pass:
+            raise NanochatError(f"data stream {stream} of {num_streams} has no documents: there are fewer row "
+                                f"groups than streams in {files[0]}...; use fewer GPUs or a smaller total batch")
+        epoch, pq_idx, first_pass = epoch + 1, 0, False
+
+
+def read_docs(files, keys):
+    """Texts of the documents at keys (pq_idx, rg_idx, offset), in the order given."""
+    texts = {}
+    for pq_idx, rg_idx in sorted({key[:2] for key in keys}):
+        rows = pq.ParquetFile(files[pq_idx]).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        texts.update({(pq_idx, rg_idx, i): t for i, t in enumerate(rows)})
+    return [texts[key] for key in keys]
+
+
+def pack_batches(tokenizer, B, T, files, stream, num_streams, state=None, buffer_size=1000, threads=4):
+    """Yields (rows, state): rows is an int64 array (B, T+1); passing `state` back yields the same rows."""
+    bos = tokenizer.get_bos_token_id()
+    lens, docs, keys = [], [], []  # the buffer: lengths ascending (equal ones in arrival order), tokens, positions
+
+    def add(key, ids):
+        i = bisect.bisect_right(lens, len(ids))
+        lens.insert(i, len(ids))
+        docs.insert(i, np.asarray(ids, dtype=np.int32))
+        keys.insert(i, key)
+
+    if state is not None:
+        saved = [tuple(k) for k in state["buffer"]]
+        for key, ids in zip(saved, tokenizer.encode(read_docs(files, saved), prepend=bos, num_threads=threads)):
+            add(key, ids)
+    position = tuple(state["next"]) if state is not None else (1, 0, stream, 0)
+    source = iter_doc_batches(files, stream, num_streams, position)
+    while True:
+        batch_state = {"next": list(position), "buffer": [list(k) for k in keys]}
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        for row in rows:
+            pos = 0
+            while pos < T + 1:
+                while len(lens) < buffer_size:
+                    (epoch, pq_idx, rg_idx, off), texts = next(source)
+                    for i, ids in enumerate(tokenizer.encode(texts, prepend=bos, num_threads=threads)):
+                        add((pq_idx, rg_idx, off + i), ids)
+                    position = (epoch, pq_idx, rg_idx, off + len(texts))
+                i = bisect.bisect_right(lens, T + 1 - pos) - 1  # largest document that fits whole
+                crop = i < 0
+                doc = docs.pop(0 if crop else i)[:T + 1 - pos]  # none fits: crop the shortest
+                del lens[0 if crop else i], keys[0 if crop else i]
+                row[pos:pos + len(doc)] = doc
+                pos += len(doc)
+        yield rows, batch_state
+
+
+def _producer(out, stop, args, kwargs, pin):
+    try:
+        for rows, state in pack_batches(*args, **kwargs):
+            both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # inputs, targets: contiguous
+            item = (both.pin_memory() if pin else both, state)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if stop.is_set():
+                return
+    except BaseException as e:  # hand any failure (e.g. missing data) to the consumer
+        out.put(e)
+
+
+def bestfit_batches(tokenizer, B, T, split, device="cpu", stream=0, num_streams=1, state=None,
+                    buffer_size=1000, tokenizer_threads=4, files=None, prefetch=2):
+    """Forever yields (inputs, targets, state): int64 (B, T) tensors on `device`, and the state that,
+    passed back as `state`, makes a new loader start with this very batch. Work runs in a thread."""
+    files = files or split_files(split)
+    device = torch.device(device)
+    out, stop = queue.Queue(maxsize=prefetch), threading.Event()
+    args = (tokenizer, B, T, files, stream, num_streams, state, buffer_size, tokenizer_threads)
+    threading.Thread(target=_producer, args=(out, stop, args, {}, device.type == "cuda"), daemon=True).start()
+    try:
+        while True:
+            item = out.get()
+            if isinstance(item, BaseException):
+                raise item
+            both, batch_state = item
+            both = both.to(device, non_blocking=True)
+            yield both[0], both[1], batch_state
+    finally:
+        stop.set()
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Bits per byte (§8.1): summed nats over the bytes of the target tokens, special tokens excluded.
+    Independent of the vocabulary size, so tokenizers can be compared. Sums are all-reduced over ranks."""
+    total_nats = torch.zeros((), dtype=torch.float32, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = next(batches)[:2]
+        nats = model(x, y, loss_reduction="none").view(-1)
+        y = y.reshape(-1)
+        num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        total_nats += (nats * (num_bytes > 0)).sum()
+        total_bytes += num_bytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
 # =============================================================================================
 # 6. Tasks and the code sandbox
 # =============================================================================================
 
-# (owner: tasks work)
+# Every chat dataset is a Task: a list of conversations {"messages": [...], ...} that can be sliced
+# (start/stop/step) and mixed. Data comes from the real public sources (Hugging Face parquet exports,
+# the dwyl word list, Karpathy's identity file), cached under <base>/task_data; NANOCHAT_MIRROR
+# switches every source to the layout of shared/data (see source_for in section 3).
+# HumanEval answers are graded by running them in a sandboxed subprocess (execute_code, at the end).
+
+import dataclasses
+import math
+import random
+import signal
+import subprocess
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+
+HF_HUB = "https://huggingface.co"
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+# Hugging Face repo -> folder in the mirror layout (shared/data/README.md)
+MIRROR_FOLDERS = {"cais/mmlu": "mmlu", "allenai/ai2_arc": "arc", "openai/gsm8k": "gsm8k",
+                  "openai/openai_humaneval": "humaneval", "HuggingFaceTB/smol-smoltalk": "smoltalk"}
+
+
+class MissingSplitError(NanochatError):
+    """A dataset split the source does not have (the shared MMLU sample has no auxiliary_train).
+    Scripts catch it by name to build a mixture without that task when the user asks for it."""
+
+
+def task_data_dir(*parts):
+    return os.path.join(get_base_dir(), "task_data", *parts)
+
+
+def hub_listing_url(repo_id, subset, split):
+    """The Hugging Face dataset-viewer endpoint listing the parquet files of one split; the hub converts
+    every public dataset to parquet (branch refs/convert/parquet), so this works for all of them."""
+    return f"{HF_HUB}/api/datasets/{repo_id}/parquet/{subset}/{split}"
+
+
+def hub_mirror_relpath(repo_id, subset, split):
+    # a dataset repo keeps its default config in data/ ; a mirror holds one file per split
+    folder = MIRROR_FOLDERS.get(repo_id, repo_id.split("/")[-1])
+    return f"{folder}/{'data' if subset == 'default' else subset}/{split}-00000-of-00001.parquet"
+
+
+def source_missing(source):
+    """After a failed download: is it because the file is not there at all (vs. network trouble)?"""
+    if not is_url(source):
+        return not os.path.isfile(source)
+    try:
+        return requests.head(source, allow_redirects=True, timeout=15).status_code == 404
+    except requests.RequestException:
+        return False
+
+
+def fetch(source, dest_path, what):
+    """download_file, but a source that does not exist becomes a MissingSplitError naming `what`."""
+    try:
+        return download_file(source, dest_path, desc=what)
+    except NanochatError as e:
+        if source_missing(source):
+            raise MissingSplitError(f"{what} is not available from {source}: that split is missing from the "
+                                    "source (a mirror may hold only some splits); leave that task out of the "
+                                    "mixture (see the script's --help) or use a source that has it") from e
+        raise
+
+
+def load_hub_dataset(repo_id, subset, split):
+    """One split of a Hugging Face dataset as a pyarrow Table. The hub lists the split's parquet files,
+    each is downloaded to <base>/task_data/<repo>/<subset>/<split>/NNNNN.parquet; manifest.json is
+    written last, so its presence means the split is complete. Under NANOCHAT_MIRROR the split is the
+    single file hub_mirror_relpath(...)."""
+    what = f"{repo_id} {subset}/{split}"
+    dest = task_data_dir(repo_id.replace("/", "--"), subset, split)
+    manifest = os.path.join(dest, "manifest.json")
+    if not os.path.exists(manifest):
+        listing = hub_listing_url(repo_id, subset, split)
+        source = source_for(listing, hub_mirror_relpath(repo_id, subset, split))
+        if source == listing:  # the real hub: ask which files make up the split
+            with open(fetch(listing, os.path.join(dest, "listing.json"), what)) as f:
+                sources = json.load(f)
+        else:
+            sources = [source]
+        files = [f"{i:05d}.parquet" for i in range(len(sources))]
+        for src, name in zip(sources, files):
+            fetch(src, os.path.join(dest, name), what)
+        with atomic_write(manifest, "w") as f:
+            json.dump({"sources": sources, "files": files}, f)
+    with open(manifest) as f:
+        files = json.load(f)["files"]
+    return pa.concat_tables([pq.read_table(os.path.join(dest, name)) for name in files])
+
+
+def download_task_file(url, mirror_relpath, name):
+    """A single-file source (word list, identity conversations) cached in <base>/task_data/<name>."""
+    return fetch(source_for(url, mirror_relpath), task_data_dir(name), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task base, mixture
+
+
+class Task:
+    """A dataset of conversations with a logical slice: task[i] is example start + i*step."""
+    eval_type = "generative"  # or "categorical" (answer = one letter, read off the logits)
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0 and step >= 1 and (stop is None or stop >= start), (start, stop, step)
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, math.ceil((stop - self.start) / self.step))
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"{type(self).__name__} index {i} out of range (length {len(self)})")
+        return self.get_example(self.start + i * self.step)
+
+    def evaluate(self, conversation, response):
+        raise NotImplementedError(f"{type(self).__name__} has no grader")
+
+
+class HubTask(Task):
+    """A task over one split of a Hugging Face dataset, rows shuffled with seed 42 (the permutation
+    `datasets.Dataset.shuffle(seed=42)` would give)."""
+    repo_id = None
+
+    def __init__(self, subset, split, **slice_kw):
+        super().__init__(**slice_kw)
+        self.subset, self.split = subset, split
+        self.table = load_hub_dataset(self.repo_id, subset, split)
+        self.order = np.random.default_rng(42).permutation(len(self.table))
+
+    def num_examples(self):
+        return len(self.table)
+
+    def row(self, index):
+        return self.table.slice(int(self.order[index]), 1).to_pylist()[0]
+
+
+class TaskMixture(Task):
+    """All examples of all tasks in one fixed random order (random.Random(42)); a task passed k times
+    is seen k times per epoch (oversampling)."""
+
+    def __init__(self, tasks, **slice_kw):
+        super().__init__(**slice_kw)
+        self.tasks = tasks
+        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(42).shuffle(self.index)
+
+    def num_examples(self):
+        return len(self.index)
+
+    def get_example(self, index):
+        t, i = self.index[index]
+        return self.tasks[t][i]
+
+
+def check_messages(messages, where):
+    """A chat for training: optional system message, then user/assistant strings alternating, >= 2."""
+    body = messages[1:] if messages and messages[0].get("role") == "system" else messages
+    if len(body) < 2:
+        raise ValueError(f"{where}: a conversation needs at least a user and an assistant message")
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.get("role") != expected or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {i} must be a {expected} message with string content")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice: ARC, MMLU
+
+
+def render_mc(question, letters, choices):
+    # the letter comes right after "=" so its token in the prompt is the same as the bare answer token
+    lines = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
+
+
+def mc_conversation(question, letters, choices, answer, **extra):
+    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                         {"role": "assistant", "content": answer}], "letters": list(letters), **extra}
+
+
+class MultipleChoice(HubTask):
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, response):
+        return response == conversation["messages"][-1]["content"]
+
+
+class ARC(MultipleChoice):
+    repo_id = "allenai/ai2_arc"
+
+    def __init__(self, subset="ARC-Easy", split="test", **slice_kw):
+        assert subset in ("ARC-Easy", "ARC-Challenge"), subset
+        super().__init__(subset, split, **slice_kw)
+
+    def get_example(self, index):
+        row = self.row(index)
+        return mc_conversation(row["question"], row["choices"]["label"], row["choices"]["text"], row["answerKey"])
+
+
+class MMLU(MultipleChoice):
+    repo_id = "cais/mmlu"
+    letters = ("A", "B", "C", "D")
+
+    def __init__(self, subset="all", split="test", **slice_kw):
+        super().__init__(subset, split, **slice_kw)
+
+    def get_example(self, index):
+        row = self.row(index)
+        row = row.get("train") or row  # the "auxiliary_train" config nests each row under "train"
+        return mc_conversation(row["question"], self.letters, row["choices"], self.letters[row["answer"]],
+                               subject=row["subject"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K (and the shared "#### answer" grading)
+
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(text):
+    """The number after '#### ', commas removed, or None."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).strip().replace(",", "") if match else None
+
+
+def last_text(conversation):
+    content = conversation["messages"][-1]["content"]
+    return content if isinstance(content, str) else [p for p in content if p["type"] == "text"][-1]["text"]
+
+
+class AnswerGraded:
+    """Mixin: correct iff the response's '#### N' equals the reference's; reward = 0.0 or 1.0."""
+
+    def evaluate(self, conversation, response):
+        predicted = extract_answer(response)
+        return predicted is not None and predicted == extract_answer(last_text(conversation))
+
+    def reward(self, conversation, response):
+        return float(self.evaluate(conversation, response))
+
+
+def gsm8k_parts(solution):
+    """'... 48/2 = <<48/2=24>>24 clips ...' -> text / python (48/2) / python_output (24) / text parts,
+    so the model learns to call the calculator and the engine supplies the result."""
+    parts = []
+    for piece in re.split(r"(<<[^>]*>>)", solution):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            expr, _, result = piece[2:-2].rpartition("=") if "=" in piece else (piece[2:-2], "", "")
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(AnswerGraded, HubTask):
+    repo_id = "openai/gsm8k"
+
+    def __init__(self, subset="main", split="test", **slice_kw):
+        super().__init__(subset, split, **slice_kw)
+
+    def get_example(self, index):
+        row = self.row(index)
+        return {"messages": [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": gsm8k_parts(row["answer"])}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# HumanEval
+
+
+def extract_code(completion):
+    """The first ```python (or plain ```) fenced block, else the whole completion."""
+    match = re.search(r"```(?:python|py)?[^\n]*\n(.*?)```", completion, re.DOTALL)
+    return (match.group(1) if match else completion).strip()
+
+
+class HumanEval(HubTask):
+    repo_id = "openai/openai_humaneval"
+
+    def __init__(self, subset="openai_humaneval", split="test", **slice_kw):
+        super().__init__(subset, split, **slice_kw)
+
+    def get_example(self, index):
+        row = self.row(index)
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]}],
+                "entry_point": row["entry_point"], "test": row["test"]}
+
+    def evaluate(self, conversation, response, timeout=5.0):
+        # the model often repeats the signature without the prompt's imports: put them back on top
+        prompt = conversation["messages"][0]["content"]
+        imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+        program = (f"{imports}\n\n{extract_code(response)}\n\n{conversation['test']}\n"
+                   f"check({conversation['entry_point']})\n")
+        return execute_code(program, timeout=timeout).success
+
+
+# ---------------------------------------------------------------------------------------------
+# Free-form conversations: SmolTalk, CustomJSON (identity)
+
+
+class SmolTalk(HubTask):
+    repo_id = "HuggingFaceTB/smol-smoltalk"
+
+    def __init__(self, split="train", **slice_kw):
+        super().__init__("default", split, **slice_kw)
+
+    def get_example(self, index):
+        messages = [{"role": m["role"], "content": m["content"]} for m in self.row(index)["messages"]]
+        check_messages(messages, f"{self.repo_id} {self.split} row {int(self.order[index])}")
+        return {"messages": messages}
+
+
+class CustomJSON(Task):
+    """Conversations from a JSONL file (a path, or a URL fetched into task_data/custom/): each line is
+    a list of alternating user/assistant messages, or {"messages": [...]}."""
+
+    def __init__(self, path_or_url=IDENTITY_URL, **slice_kw):
+        super().__init__(**slice_kw)
+        path = path_or_url
+        if path_or_url == IDENTITY_URL:
+            path = download_task_file(IDENTITY_URL, "identity/identity_conversations.jsonl",
+                                      "custom/identity_conversations.jsonl")
+        elif is_url(path_or_url):
+            path = download_file(path_or_url, task_data_dir("custom", path_or_url.rstrip("/").split("/")[-1]))
+        elif not os.path.isfile(path):
+            raise NanochatError(f"conversation file {path} not found: pass a JSONL path or URL")
+        self.conversations = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise NanochatError(f"{path}:{line_no}: not valid JSON ({e})") from e
+                messages = record["messages"] if isinstance(record, dict) else record
+                try:
+                    check_messages(messages, f"{path}:{line_no}")
+                except (ValueError, AttributeError) as e:
+                    raise NanochatError(str(e)) from e
+                self.conversations.append({"messages": messages})
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Spelling: SpellingBee (count a letter, with a python check) and SimpleSpelling
+
+
+_word_lists = {}
+
+
+def load_words():
+    """The dwyl english-words list (~370K lowercase words), cached in memory once per process."""
+    path = download_task_file(WORDS_URL, "words/words_alpha.txt", "words/words_alpha.txt")
+    if path not in _word_lists:
+        with open(path, encoding="utf-8") as f:
+            _word_lists[path] = [w for w in (line.strip() for line in f) if w.isalpha() and w.isascii()]
+    return _word_lists[path]
+
+
+# {letter} and {word} are filled in; several languages so the skill is not tied to one phrasing
+SPELLING_TEMPLATES = [
+    "How many {letter} are in the word {word}", "How many times does the letter {letter} appear in {word}",
+    "Count the number of {letter} in {word}", "How many {letter}s does {word} have",
+    "In the word {word}, how many times do you see {letter}", "What is the count of {letter} in {word}",
+    "Tell me how many {letter} there are in {word}", "how often does {letter} occur in {word}",
+    "Can you count the {letter} letters in {word}", "Number of {letter} in {word}",
+    "If you spell {word}, how many {letter} do you write", "{word}: how many {letter}",
+    "Please count how many times {letter} shows up in the word {word}",
+    "¿Cuántas {letter} hay en la palabra {word}", "¿Cuántas veces aparece la letra {letter} en {word}",
+    "Combien de {letter} y a-t-il dans le mot {word}", "Combien de fois la lettre {letter} apparaît-elle dans {word}",
+    "Wie viele {letter} sind im Wort {word}", "Wie oft kommt der Buchstabe {letter} in {word} vor",
+    "Quante {letter} ci sono nella parola {word}", "Quantas letras {letter} há na palavra {word}",
+    "Hoeveel keer komt de letter {letter} voor in {word}",
+    "{word}这个单词里有几个{letter}", "字母{letter}在{word}中出现了几次",
+    "{word}という単語に{letter}はいくつありますか", "{word}の中に{letter}は何回出てきますか",
+    "{word}에 {letter}가 몇 개 있나요", "단어 {word}에서 {letter}는 몇 번 나오나요",
+    "Сколько букв {letter} в слове {word}", "Kaç tane {letter} harfi var {word} kelimesinde",
+]
+
+
+def quote(text, rng):
+    return rng.choice(["{}", "'{}'", '"{}"']).format(text)
+
+
+class SpellingBee(AnswerGraded, Task):
+    """'How many r in strawberry?' answered by spelling the word out, counting, then checking with a
+    python call; ends with '#### N' and is graded like GSM8K."""
+
+    def __init__(self, size=1000, split="train", **slice_kw):
+        assert split in ("train", "test"), split
+        super().__init__(**slice_kw)
+        self.size, self.split, self.words = size, split, load_words()
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        # each example has its own RNG, so any slice or order yields the same examples
+        rng = random.Random(index if self.split == "train" else 10_000_000 + index)
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        count = word.count(letter)
+        question = rng.choice(SPELLING_TEMPLATES).format(letter=quote(letter, rng), word=quote(word, rng))
+        question = question.lower() if rng.random() < 0.3 else question
+        question += "?" if rng.random() < 0.5 else ""
+        walk, running = [], 0
+        for i, char in enumerate(word, 1):
+            running += char == letter
+            walk.append(f"{i}:{char}" + (f" hit! count={running}" if char == letter else ""))
+        reasoning = (f"We need to count the letter '{letter}' in the word '{word}'. First I spell it out:\n"
+                     f"{word}:{','.join(word)}\n\nThen I go letter by letter:\n" + "\n".join(walk) +
+                     f"\n\nThis gives us {count}.\n\nLet me double check this using Python:\n\n")
+        parts = [{"type": "text", "text": reasoning},
+                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                 {"type": "python_output", "text": str(count)},
+                 {"type": "text", "text": f"\n\nPython gives us {count} too.\n\nMy final answer is:\n\n#### {count}"}]
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+
+
+class SimpleSpelling(Task):
+    """'Spell the word: apple' -> 'apple:a,p,p,l,e'. Words in a fixed shuffled order (Random(42)); train
+    reads it from the front, test from the back, so the two splits share no example."""
+
+    def __init__(self, size=1000, split="train", **slice_kw):
+        assert split in ("train", "test"), split
+        super().__init__(**slice_kw)
+        self.size, self.split = size, split
+        self.words = list(load_words())
+        random.Random(42).shuffle(self.words)
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        word = self.words[index if self.split == "train" else -1 - index]
+        return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
+                             {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+    def evaluate(self, conversation, response):
+        return response.strip() == conversation["messages"][-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sandbox for model-written code. It stops accidents (runaway loops, huge allocations, a stray
+# rmtree or kill), not a determined attacker: ctypes-free bypasses like posix internals remain.
+# No signals are used in this process, so it works from any thread.
+
+# Runs in the child before the untrusted code: limits, then confinement of the dangerous calls.
+# argv: program path, scratch dir, memory bytes, cpu seconds, max output bytes, done-marker path
+SANDBOX_GUARD = r'''
+import builtins, faulthandler, io, os, posix, resource, signal, subprocess, sys, _io, _posixsubprocess
+program, scratch, memory, cpu, output, done = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
+real_open = io.open
+with real_open(program, encoding="utf-8") as f:
+    source = f.read()
+limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, output)]
+if sys.platform != "darwin":  # macOS does not enforce address-space limits
+    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
+for which, value in limits:
+    hard = resource.getrlimit(which)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(which, (value, value))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too much output: the write fails instead of a kill
+faulthandler.disable()
+scratch = os.path.realpath(scratch)
+readable = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+
+def resolve(path, dir_fd=None):
+    if isinstance(path, int):  # an open descriptor: it was checked when it was opened
+        return None
+    path = os.fsdecode(os.fspath(path))
+    if not os.path.isabs(path):
+        path = os.path.join(scratch if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return os.path.realpath(path)
+
+def check(name, path, write, dir_fd=None):
+    real = resolve(path, dir_fd)
+    allowed = [scratch, "/dev/null"] + ([] if write else list(readable))
+    if real is not None and not any(real == a or real.startswith(a + os.sep) for a in allowed):
+        raise PermissionError(f"sandbox: {name}({path!r}) is outside the scratch directory")
+
+def denied(name):
+    def call(*args, **kwargs):
+        raise PermissionError(f"sandbox: {name} is disabled")
+    return call
+
+def confined(name, func, positions=(0,)):
+    def call(*args, **kwargs):
+        for i in positions:  # the path arguments; rename/link also take src_dir_fd/dst_dir_fd
+            if i < len(args):
+                fd = kwargs.get("dir_fd") if len(positions) == 1 else kwargs.get(("src_dir_fd", "dst_dir_fd")[i])
+                check(name, args[i], True, fd)
+        return func(*args, **kwargs)
+    return call
+
+def safe_open(file, mode="r", *args, **kwargs):
+    check("open", file, any(c in mode for c in "wax+"))
+    return real_open(file, mode, *args, **kwargs)
+
+def safe_os_open(path, flags, *args, **kwargs):
+    write = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    check("os.open", path, write, kwargs.get("dir_fd"))
+    return posix_open(path, flags, *args, **kwargs)
+
+posix_open = posix.open
+builtins.open = io.open = _io.open = safe_open
+for module in (os, posix):
+    module.open = safe_os_open
+    for name in ("remove", "unlink", "rmdir", "mkdir", "mkfifo", "mknod", "chmod", "chown", "lchown",
+                 "truncate", "utime"):
+        setattr(module, name, confined(name, getattr(module, name)))
+    module.symlink = confined("symlink", module.symlink, positions=(1,))  # only the link must be inside
+    for name in ("rename", "replace", "link"):
+        setattr(module, name, confined(name, getattr(module, name), positions=(0, 1)))
+    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "posix_spawn",
+                 "posix_spawnp", "chdir", "fchdir", "chroot", "fchmod", "fchown", "setuid", "setgid",
+                 "seteuid", "setegid", "setreuid", "setregid"):
+        if hasattr(module, name):
+            setattr(module, name, denied(f"os.{name}"))
+subprocess.Popen = denied("subprocess.Popen")
+_posixsubprocess.fork_exec = denied("process creation")
+for name in ("ctypes", "_ctypes", "resource", "_posixsubprocess", "psutil", "pty", "tkinter"):
+    sys.modules[name] = None
+sys.argv = ["<llm>"]
+del f
+exec(compile(source, "<llm>", "exec"), {"__name__": "__main__"})
+real_open(done, "w").close()  # reached only if the code ran to its end (no exit(), no exception)
+'''
+
+
+@dataclasses.dataclass
+class ExecutionResult:
+    success: bool       # ran to its end with exit status 0
+    stdout: str
+    stderr: str
+    error: str = None   # last line of stderr (the exception), or why it was stopped
+    timeout: bool = False
+    memory_exceeded: bool = False
+
+
+def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024**2, maximum_output_bytes=16 * 1024**2):
+    """Run untrusted Python `code` in a fresh interpreter: own scratch directory as cwd (deleted after),
+    environment reduced to PATH, no stdin, address space capped, output capped, killed after `timeout`
+    wall-clock seconds; process creation, kill, and writes/deletes outside the scratch directory raise
+    PermissionError. Uses no signals in the calling process, so any thread may call it."""
+    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as root:
+        scratch, program, done = (os.path.join(root, name) for name in ("scratch", "program.py", "done"))
+        os.mkdir(scratch)
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(code)
+        command = [sys.executable, "-I", "-X", "utf8", "-c", SANDBOX_GUARD, program, scratch,
+                   str(maximum_memory_bytes), str(math.ceil(timeout) + 1), str(maximum_output_bytes), done]
+        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "OMP_NUM_THREADS": "1"}
+        with open(os.path.join(root, "stdout"), "w+b") as out, open(os.path.join(root, "stderr"), "w+b") as err:
+            # own session: on timeout the whole process group is killed
+            proc = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                timed_out = True
+            out.seek(0), err.seek(0)
+            stdout, stderr = (f.read(maximum_output_bytes).decode("utf-8", "replace") for f in (out, err))
+        success = proc.returncode == 0 and os.path.exists(done) and not timed_out
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if timed_out:
+        error = "Execution timed out"
+    elif not success:
+        error = lines[-1] if lines else f"exited with status {proc.returncode} before the end of the code"
+    else:
+        error = None
+    memory_exceeded = "MemoryError" in stderr or "Cannot allocate memory" in stderr
+    return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded)
 
 
 # =============================================================================================
@@ -83,3 +1454,526 @@ Sections, top to bottom:
 # =============================================================================================
 
 # (owner: engine work)
+# Sampling with a KV cache (prefill once, decode many rows), the calculator tool the model may call
+# with <|python_start|>expr<|python_end|>, and the helpers chat front-ends share: the prompt builder
+# that trims long conversations, and a streamer that turns tokens into safe, readable text.
+import ast
+import codecs
+import collections
+import operator
+import time
+
+import torch
+import torch.nn.functional as F
+
+CALC_MAX_CHARS = 256      # a longer "expression" is not arithmetic a model needs
+CALC_MAX_BITS = 1024      # ints are capped at 2**1024 (~308 digits): no huge powers or products
+CALC_TIME_LIMIT = 0.05    # seconds; checked by the walker itself, so it works from any thread
+CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+CALC_UNARYOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+def calc_eval(node, deadline):
+    """Evaluate one node of an allow-listed AST: numbers, + - * / // % ** and 'text'.count('x')."""
+    if time.monotonic() > deadline:
+        raise ArithmeticError("calculator time limit")
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):  # type(): no bool, no complex
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARYOPS:
+        value = calc_eval(node.operand, deadline)
+        return CALC_UNARYOPS[type(node.op)](calc_number(value))
+    if isinstance(node, ast.BinOp) and type(node.op) in CALC_BINOPS:
+        left, right = calc_number(calc_eval(node.left, deadline)), calc_number(calc_eval(node.right, deadline))
+        if isinstance(node.op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and max(abs(left).bit_length() - 1, 1) * right > CALC_MAX_BITS:  # decide before computing
+                raise ArithmeticError("power too large")
+        return calc_number(CALC_BINOPS[type(node.op)](left, right))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and len(node.args) == 1 and not node.keywords):
+        text, part = calc_eval(node.func.value, deadline), calc_eval(node.args[0], deadline)
+        if isinstance(text, str) and isinstance(part, str):
+            return text.count(part)
+    raise ValueError(f"not allowed in the calculator: {type(node).__name__}")
+
+
+def calc_number(value):
+    """Check an operand or result: a finite float or an int below the size cap (strings only count)."""
+    if isinstance(value, int) and abs(value).bit_length() <= CALC_MAX_BITS:
+        return value
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return value
+    raise ArithmeticError(f"calculator refuses {type(value).__name__} value")
+
+
+def use_calculator(expr):
+    """Run the model's tool call: arithmetic or "'text'.count('x')". Returns str(result), or None when the
+    expression is not allowed, fails, or is too big/slow. Parsed with `ast` and walked over an allow-list:
+    no eval, so no code can run, and no signals, so it works from any thread (unlike SIGALRM)."""
+    if "'" not in expr and '"' not in expr:
+        expr = expr.replace(",", "")  # models write 1,000
+    expr = expr.strip()
+    if not expr or len(expr) > CALC_MAX_CHARS or "\\" in expr:  # no backslash: escapes are the parser's only warnings
+        return None
+    try:
+        return str(calc_eval(ast.parse(expr, mode="eval").body, time.monotonic() + CALC_TIME_LIMIT))
+    except (SyntaxError, ValueError, ArithmeticError, TypeError, RecursionError, MemoryError):
+        return None
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens,
+    top_p the smallest set of them whose probability reaches p; draws come from the seeded `rng`."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    ids = None
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
+    logits = logits / temperature
+    if top_p is not None and top_p < 1.0:
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it: kept
+        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+class RowState:
+    """Per-sample decoding state: tokens the engine must force next, and the tool-call parser."""
+
+    def __init__(self):
+        self.forced = collections.deque()  # e.g. <|output_start|> result <|output_end|> after a call
+        self.in_python = False
+        self.expression = []
+        self.done = None  # the terminal token once the row has finished
+
+
+def keep_cache_rows(kv_cache, rows):
+    """Shrink the decode batch to `rows` (a LongTensor of indices) so finished samples stop costing compute."""
+    kv_cache.k_cache = kv_cache.k_cache.index_select(1, rows)
+    kv_cache.v_cache = kv_cache.v_cache.index_select(1, rows)
+    kv_cache.cache_seqlens = kv_cache.cache_seqlens.index_select(0, rows)
+    if kv_cache.prev_embedding is not None:
+        kv_cache.prev_embedding = kv_cache.prev_embedding.index_select(0, rows)
+
+
+class Engine:
+    """Sampling from a GPT with a KV cache and the calculator tool (facts §12.1).
+
+    The prompt is run once on a batch-1 cache, copied into `num_samples` rows that then sample
+    independently. A row stops at <|assistant_end|> or <|bos|> and leaves the batch (its cache rows are
+    dropped), so finished samples stop costing compute. When a row writes <|python_start|>expr<|python_end|>
+    the engine runs use_calculator(expr) and forces <|output_start|>result<|output_end|> into that row."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        special = tokenizer.encode_special
+        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.drop_finished = True  # False: finished rows stay in the batch, as in the reference (bench.py A/B)
+
+    def make_cache(self, batch_size, seq_len, device):
+        from model import KVCache
+        config = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device)
+
+    def next_token(self, row, sampled):
+        """Pick this row's token (a forced tool token wins over the sample) and advance its tool parser.
+        Returns (token, mask) with mask 0 for forced tokens."""
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
+        if token in self.stop_tokens:
+            row.done = token
+        elif token == self.python_start:
+            row.in_python, row.expression = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = use_calculator(self.tokenizer.decode(row.expression))
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.in_python:
+            row.expression.append(token)
+        return token, mask
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Yield (token_column, mask_column), one entry per sample, for each generated position.
+        A finished sample repeats its terminal token with mask 0 until the others finish.
+        max_tokens None: until the model's context (sequence_len) is full."""
+        device = next(self.model.parameters()).device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        if max_tokens is None:
+            max_tokens = max(self.model.config.sequence_len - len(tokens), 0)
+        if max_tokens <= 0:
+            return
+        prompt_cache = self.make_cache(1, len(tokens), device)
+        logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prompt_cache)
+        logits = logits[:, -1, :].expand(num_samples, -1)
+        cache = self.make_cache(num_samples, len(tokens) + max_tokens, device)
+        cache.prefill(prompt_cache)
+        del prompt_cache
+        rows = [RowState() for _ in range(num_samples)]
+        active = list(range(num_samples))  # rows still sampling, in the order of the cache's batch
+        for step in range(max_tokens):
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
+            column = [(row.done, 0) for row in rows]
+            for i, sample in zip(active, sampled):
+                if rows[i].done is None:
+                    column[i] = self.next_token(rows[i], sample)
+            yield [token for token, _ in column], [mask for _, mask in column]
+            still = [j for j, i in enumerate(active) if rows[i].done is None]
+            if not still or step == max_tokens - 1:
+                break
+            if len(still) < len(active) and self.drop_finished:
+                keep_cache_rows(cache, torch.tensor(still, device=device))
+                active = [active[j] for j in still]
+            ids = torch.tensor([[column[i][0]] for i in active], dtype=torch.long, device=device)
+            logits = self.model(ids, kv_cache=cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Generate to completion. Returns (sequences, masks): each sequence is the prompt plus that sample's
+        tokens up to (not including) its terminal token; masks are 0 on the prompt and on forced tokens."""
+        sequences = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        finished = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if finished[i] or token in self.stop_tokens:
+                    finished[i] = True
+                    continue
+                sequences[i].append(token)
+                masks[i].append(mask)
+        return sequences, masks
+
+
+# ---- chat helpers shared by chat.py and serve.py ----
+
+def build_chat_prompt(tokenizer, messages, max_context, reserve):
+    """Prompt ids asking for the assistant's reply to `messages` ([system,] user, assistant, ..., user).
+    When prompt + `reserve` reply tokens exceed `max_context`, whole turns (user + assistant) are dropped,
+    oldest first; a system message stays (it is folded into the first remaining user turn).
+    Returns (ids, number of turns dropped) so the caller can tell the user; ValueError when even the
+    last user message alone does not fit."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(system):])
+    budget = max_context - reserve
+    assistant_start = tokenizer.encode_special("<|assistant_start|>")
+    dropped = 0
+    while True:
+        ids, _ = tokenizer.render_conversation({"messages": system + turns}, max_tokens=10**9)
+        ids.append(assistant_start)
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(turns) <= 1:
+            raise ValueError(f"the message is too long: {len(ids)} tokens plus {reserve} for the reply exceed "
+                             f"the model's context of {max_context}; send a shorter message")
+        turns, dropped = turns[2:], dropped + 1
+
+
+class Utf8Streamer:
+    """Turns generated token ids into display text as they arrive: push(token) -> new text, flush() at the
+    end. Bytes of a multi-byte character split across tokens are held back until the character is
+    complete (invalid bytes show as U+FFFD). Tool calls read as "[calculator: 2+3 = 5]", other special
+    tokens (<|assistant_end|>, ...) print nothing."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.specials = {special(name) for name in tokenizer.get_special_tokens()}
+        self.state = "text"  # text | call (expression) | await (call done, result may follow) | output
+
+    def push(self, token):
+        text = self.utf8.decode(b"", final=True) if token in self.specials else ""
+        if self.state == "await" and token != self.output_start:  # the calculator gave no result
+            text, self.state = text + "]", "text"
+        if token == self.python_start:
+            text, self.state = text + "[calculator: ", "call"
+        elif token == self.python_end and self.state == "call":
+            self.state = "await"
+        elif token == self.output_start:
+            text, self.state = text + (" = " if self.state == "await" else "[output: "), "output"
+        elif token == self.output_end and self.state == "output":
+            text, self.state = text + "]", "text"
+        elif token not in self.specials:
+            text += self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))
+        return text
+
+    def flush(self):
+        text = self.utf8.decode(b"", final=True)
+        if self.state != "text":
+            text, self.state = text + "]", "text"
+        return text
+
+
+def display_text(tokenizer, tokens):
+    """The whole reply as readable text (see Utf8Streamer)."""
+    streamer = Utf8Streamer(tokenizer)
+    return "".join(streamer.push(token) for token in tokens) + streamer.flush()
+
+
+def reply_to_content(tokenizer, tokens):
+    """Generated tokens -> assistant message content for the conversation history: a str, or a list of
+    {"type": "text"|"python"|"python_output", "text"} parts when the reply called the tool.
+    Stops at <|assistant_end|> / <|bos|>."""
+    special = tokenizer.encode_special
+    kinds = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output",
+             special("<|python_end|>"): "text", special("<|output_end|>"): "text"}
+    stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    parts, kind, current = [], "text", []
+    for token in list(tokens) + [None]:
+        if token is None or token in stops or token in kinds:
+            if current or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            if token is None or token in stops:
+                break
+            kind, current = kinds[token], []
+        else:
+            current.append(token)
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+# =============================================================================================
+# 8. Report card
+# =============================================================================================
+
+# (owner: SPEEDRUN)
+#   report_section(title, items, column=None) -> path   <base>/report/<slug>.md (+ .json), rank 0 only
+#   log_metrics(path, **row)                             append one JSON line to a stage's metrics.jsonl
+#   generate_report(copy_to=".") -> path                 <base>/report/report.md + report_curves.svg
+# Sections are plain markdown files, so a crashed stage leaves the others intact and a re-run of one
+# stage simply overwrites its own file; generate_report() only stitches them together.
+import datetime
+import html
+import math
+import platform
+import subprocess
+
+REPORT_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
+                "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
+# Headline figures that go into the BASE / SFT / RL summary table, in this order (keys of the items dicts).
+SUMMARY_METRICS = ["val bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval",
+                   "SpellingBee", "ChatCORE", "pass@1", "pass@8"]
+GPU_HOURLY_USD = [("H100", 3.00), ("A100", 1.79)]   # per GPU-hour, rough cloud prices; others $2
+CURVE_KEYS = [("loss", "#1f77b4"), ("val_bpb", "#d62728"), ("reward", "#2ca02c")]
+
+
+def report_dir():
+    path = os.path.join(get_base_dir(), "report")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_text_atomic(path, text):
+    with atomic_write(path, "w") as f:  # readers see the old file or the new one, never half of one
+        f.write(text)
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def report_section(title, items, column=None):
+    """Write one stage's section of the report card; returns its path (None on ranks other than 0).
+
+    items: a dict, a markdown string, or a list of those; a dict becomes "- key: value" lines.
+    column: "BASE", "SFT" or "RL" puts the section's SUMMARY_METRICS keys into the summary table.
+    """
+    if get_rank() != 0:
+        return None
+    items = items if isinstance(items, list) else [items]
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f"## {title}", f"timestamp: {now}"]
+    figures = {}
+    for item in items:
+        if isinstance(item, dict):
+            parts.append("\n".join(f"- {key}: {format_value(value)}" for key, value in item.items()))
+            figures.update({k: v for k, v in item.items() if isinstance(v, (int, float, str))})
+        else:
+            parts.append(str(item).strip())
+    path = os.path.join(report_dir(), f"{slug}.md")
+    # the .json twin carries the raw figures for the summary table; written first so a .md never lacks it
+    write_text_atomic(path[:-3] + ".json", json.dumps({"title": title, "column": column, "figures": figures}))
+    write_text_atomic(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+def log_metrics(path, **row):
+    """Append one row (step=..., loss=..., val_bpb=...) to a stage's metrics.jsonl, rank 0 only."""
+    if get_rank() == 0:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    """Rows of a metrics.jsonl; when the step counter goes backwards (a re-run appended to the file)
+    only the rows of the latest run are kept. Unreadable lines (a crash mid-write) are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+                continue
+            if rows and row["step"] < rows[-1]["step"]:
+                rows = []
+            rows.append(row)
+    return rows
+
+
+def find_metrics_files(base_dir):
+    """Every metrics.jsonl up to three levels under the base dir (e.g. base_checkpoints/d12/metrics.jsonl)."""
+    found = []
+    for depth in range(1, 4):
+        found += glob.glob(os.path.join(base_dir, *["*"] * depth, "metrics.jsonl"))
+    return sorted(found)
+
+
+def curves_svg(runs):
+    """A self-contained SVG line chart: one panel per (run, quantity) vs step. runs: [(label, rows)]."""
+    width, height, left, right, top, bottom, ncols = 380, 230, 56, 14, 28, 34, 2
+    panels = []
+    for label, rows in runs:
+        for key, color in CURVE_KEYS:
+            points = [(float(r["step"]), float(r[key])) for r in rows
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if points:
+                panels.append((f"{label}: {key}", points, color))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * ncols}" height="{height * nrows}" '
+           f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    if not panels:
+        out.append('<text x="20" y="30">no metrics.jsonl found</text>')
+    for i, (title, points, color) in enumerate(panels):
+        x0, y0 = (i % ncols) * width, (i // ncols) * height
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        ylo, yhi = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+        plot_w, plot_h = width - left - right, height - top - bottom
+        def sx(x): return x0 + left + (x - xlo) / (xhi - xlo) * plot_w
+        def sy(y): return y0 + top + (yhi - y) / (yhi - ylo) * plot_h
+        out.append(f'<text x="{x0 + left}" y="{y0 + 16}" font-weight="bold">{html.escape(title)}</text>')
+        out.append(f'<path d="M{x0 + left},{y0 + top}V{y0 + top + plot_h}H{x0 + left + plot_w}" '
+                   f'fill="none" stroke="#444"/>')
+        for t in range(5):  # ticks and grid
+            yv, xv = ylo + (yhi - ylo) * t / 4, xlo + (xhi - xlo) * t / 4
+            out.append(f'<line x1="{x0 + left}" x2="{x0 + left + plot_w}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" '
+                       f'stroke="#eee"/><text x="{x0 + left - 4}" y="{sy(yv) + 4:.1f}" '
+                       f'text-anchor="end">{yv:.3g}</text>')
+            out.append(f'<text x="{sx(xv):.1f}" y="{y0 + top + plot_h + 14}" text-anchor="middle">{xv:.0f}</text>')
+        out.append(f'<text x="{x0 + left + plot_w / 2}" y="{y0 + height - 4}" text-anchor="middle">step</text>')
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        if len(points) <= 50:  # sparse series (val bpb) get dots so single points show
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points]
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" (dirty)" if dirty else "")
+
+
+def hardware_summary():
+    """(markdown lines, hourly cost in $) of this machine."""
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    lines = [f"- CPU: {os.cpu_count()} cores ({platform.machine()}), {ram_gb:.1f} GB RAM"]
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if gpus:
+        lines.append(f"- GPUs: {len(gpus)} x {gpus[0]}, CUDA {torch.version.cuda}")
+    elif torch.backends.mps.is_available():
+        lines.append("- GPU: Apple MPS")
+    hourly = sum(next((usd for name, usd in GPU_HOURLY_USD if name in gpu), 2.00) for gpu in gpus)
+    lines.append(f"- Python {platform.python_version()}, PyTorch {torch.__version__}, {platform.platform()}")
+    return lines, hourly
+
+
+def stage_times(base_dir):
+    """[(stage, seconds)] from speedrun.sh's stamps (<base>/speedrun/<stage>.done holds the seconds)."""
+    times = []
+    for path in sorted(glob.glob(os.path.join(base_dir, "speedrun", "*.done")), key=os.path.getmtime):
+        with open(path) as f:
+            seconds = f.read().strip()
+        if re.fullmatch(r"\d+(\.\d*)?", seconds):
+            times.append((os.path.basename(path)[:-5], float(seconds)))
+    return times
+
+
+def summary_table(sections):
+    columns = ["BASE", "SFT", "RL"]
+    values = {c: {} for c in columns}
+    for meta in sections:
+        if meta.get("column") in values:
+            values[meta["column"]].update({k: v for k, v in meta["figures"].items() if k in SUMMARY_METRICS})
+    rows = [m for m in SUMMARY_METRICS if any(m in values[c] for c in columns)]
+    table = ["| metric | " + " | ".join(columns) + " |", "|---|---|---|---|"]
+    table += [f"| {m} | " + " | ".join(format_value(values[c].get(m, "-")) for c in columns) + " |" for m in rows]
+    return "\n".join(table)
+
+
+def generate_report(copy_to="."):
+    """Stitch the sections into <base>/report/report.md with a header, the summary table, timings and cost,
+    draw report_curves.svg next to it, copy both into copy_to (None: don't), and return report.md's path."""
+    base, out_dir = get_base_dir(), report_dir()
+    slugs = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(out_dir, "*.md")) if not p.endswith("/report.md")]
+    slugs.sort(key=lambda s: (REPORT_ORDER.index(s) if s in REPORT_ORDER else len(REPORT_ORDER), s))
+    sections = []
+    for slug in slugs:
+        try:
+            with open(os.path.join(out_dir, slug + ".json"), encoding="utf-8") as f:
+                sections.append(json.load(f))
+        except (OSError, json.JSONDecodeError):
+            pass
+    hardware, hourly = hardware_summary()
+    times = stage_times(base)
+    total_s = sum(seconds for _, seconds in times)
+    runs = [(os.path.relpath(os.path.dirname(p), base), read_metrics(p)) for p in find_metrics_files(base)]
+    write_text_atomic(os.path.join(out_dir, "report_curves.svg"), curves_svg(runs))
+    started = os.path.join(base, "speedrun", "started")  # written by speedrun.sh on its first run
+    if os.path.exists(started):
+        with open(started) as f:
+            started = f.read().strip()
+    else:
+        started = "unknown"
+    lines = ["# nanochat report card", "",
+             f"- generated: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
+             f"- run started: {started}",
+             f"- git commit: {git_commit()}", *hardware,
+             f"- total wall time: {total_s / 60:.1f} min ({total_s:.0f} s over {len(times)} stages)",
+             f"- estimated cost: ${total_s / 3600 * hourly:.2f} (${hourly:.2f}/h)", "",
+             "## Summary", "", summary_table(sections), ""]
+    if times:
+        lines += ["## Wall time per stage", "", "| stage | minutes |", "|---|---|"]
+        lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in times] + [""]
+    lines += ["## Curves", "", "![train loss and val bpb per stage](report_curves.svg)", ""]
+    for slug in slugs:
+        with open(os.path.join(out_dir, slug + ".md"), encoding="utf-8") as f:
+            lines += [f.read().strip(), ""]
+    path = os.path.join(out_dir, "report.md")
+    write_text_atomic(path, "\n".join(lines))
+    if copy_to is not None and os.path.abspath(copy_to) != out_dir:
+        for name in ("report.md", "report_curves.svg"):
+            shutil.copyfile(os.path.join(out_dir, name), os.path.join(copy_to, name))
+    return path

@@ -11,12 +11,441 @@ Any of these also runs under torchrun, e.g. torchrun --nproc_per_node=8 evaluate
 # Base model evaluation: bits per byte, CORE, samples (owner: PRETRAIN)
 # =============================================================================================
 
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import (SAMPLE_PROMPTS, NanochatError, atomic_write, bestfit_batches, compute_cleanup, compute_init,
+                    download_file, evaluate_bpb, get_base_dir, get_token_bytes, load_model, print0, source_for)
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def parse_core_yaml(text):
+    """The few YAML forms core.yaml uses: a top-level key, "-" list items, `key: value` with a scalar,
+    a double-quoted string or a [list]. (PyYAML is not a dependency for one small file.)"""
+    def scalar(v):
+        v = v.strip()
+        if v.startswith('"'):
+            return json.loads(v)  # YAML double-quoted escapes (\n) read like JSON's
+        if v.startswith("["):
+            return [scalar(x) for x in v[1:-1].split(",") if x.strip()]
+        if v in ("true", "false"):
+            return v == "true"
+        return int(v) if v.lstrip("-").isdigit() else v.strip("'")
+    tasks = []
+    for line in text.splitlines():
+        body = line.split(" #")[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if not body or body.endswith(":") and not body.startswith(" ") and not body.startswith("-"):
+            continue  # blank, comment, or the "icl_tasks:" header
+        if body.lstrip().startswith("-"):
+            tasks.append({})
+            body = body.lstrip()[1:]
+            if not body.strip():
+                continue
+        key, _, value = body.strip().partition(":")
+        tasks[-1][key.strip()] = scalar(value)
+    return tasks
+
+
+def ensure_eval_bundle():
+    """<base>/eval_bundle, fetched on first use: the zip from the reference's URL, or with NANOCHAT_MIRROR
+    the unpacked files (core.yaml, eval_meta_data.csv, each task file the mirror has)."""
+    bundle = os.path.join(get_base_dir(), "eval_bundle")
+    if os.path.exists(os.path.join(bundle, "core.yaml")):
+        return bundle
+    tmp = tempfile.mkdtemp(dir=get_base_dir(), prefix="eval_bundle.tmp")
+    try:
+        if os.environ.get("NANOCHAT_MIRROR"):
+            for name in ("core.yaml", "eval_meta_data.csv"):
+                download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/{name}"), os.path.join(tmp, name))
+            with open(os.path.join(tmp, "core.yaml")) as f:
+                uris = [task["dataset_uri"] for task in parse_core_yaml(f.read())]
+            for uri in dict.fromkeys(uris):
+                try:
+                    download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/eval_data/{uri}"),
+                                  os.path.join(tmp, "eval_data", uri))
+                except NanochatError as e:  # a mirror may hold only some tasks: CORE is then marked partial
+                    print0(f"eval bundle: {uri} not on the mirror ({e})")
+            unpacked = tmp
+        else:
+            zip_path = download_file(EVAL_BUNDLE_URL, os.path.join(tmp, "eval_bundle.zip"), desc="eval_bundle.zip")
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(tmp)
+            unpacked = os.path.join(tmp, "eval_bundle")
+        os.replace(unpacked, bundle)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return bundle
+
+
+# ---- CORE (§8.2): prompts as plain strings, few-shot blocks separated by a blank line ----
+
+def render_mc(item, delim, shots):
+    """One prompt per choice; the choice is the scored continuation."""
+    head = "".join(f"{s['query']}{delim}{s['choices'][s['gold']]}\n\n" for s in shots)
+    return [f"{head}{item['query']}{delim}{choice}" for choice in item["choices"]]
+
+
+def render_schema(item, delim, shots):
+    """One prompt per context option; the shared continuation is scored."""
+    head = "".join(f"{s['context_options'][s['gold']]}{delim}{s['continuation']}\n\n" for s in shots)
+    return [f"{head}{context}{delim}{item['continuation']}" for context in item["context_options"]]
+
+
+def render_lm(item, delim, shots):
+    """[prompt without the continuation (stripped), prompt with it]."""
+    head = "".join(f"{s['context'].strip()}{delim}{s['continuation']}\n\n" for s in shots)
+    prompt = f"{head}{item['context'].strip()}{delim}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+def continuation_spans(task_type, token_lists):
+    """(start, end) of the scored tokens in each prompt: after the common prefix (MC), the common
+    suffix (schema), or after the prompt without continuation (LM, which is one scored sequence)."""
+    if task_type == "language_modeling":
+        without, with_ = token_lists
+        if with_[:len(without)] != without:
+            raise ValueError("LM prompt without the continuation does not tokenize as a prefix of the full one")
+        return [(len(without), len(with_))]
+    if task_type == "multiple_choice":
+        n = 0
+        while all(len(t) > n for t in token_lists) and len({t[n] for t in token_lists}) == 1:
+            n += 1
+        return [(n, len(t)) for t in token_lists]
+    n = 0
+    while all(len(t) > n for t in token_lists) and len({t[-1 - n] for t in token_lists}) == 1:
+        n += 1
+    return [(len(t) - n, len(t)) for t in token_lists]
+
+
+@torch.no_grad()
+def score_example(model, token_lists, spans, task_type, gold, pad_id):
+    """One forward over all prompts (right-padded). MC/schema: is the gold option the one with the lowest
+    mean loss over its span? LM: does greedy prediction reproduce the continuation exactly?"""
+    width = max(len(t) for t in token_lists)
+    rows = [t + [pad_id] * (width - len(t)) for t in token_lists]
+    ids = torch.tensor(rows, dtype=torch.long, device=model.get_device())
+    logits = model(ids)
+    if task_type == "language_modeling":
+        start, end = spans[0]
+        return bool((logits[0, start - 1:end - 1].argmax(-1) == ids[0, start:end]).all())
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # loss of token t+1
+    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    return min(range(len(mean_losses)), key=mean_losses.__getitem__) == gold
+
+
+def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
+    """Accuracy on one task; examples strided over ranks, counts summed. Prompts longer than the model's
+    rotary table are cut from the left (the reference never needs to: its table is 10x the context)."""
+    task_type, delim, num_shots = task["icl_task_type"], task.get("continuation_delimiter", " "), task["num_fewshot"][0]
+    render = {"multiple_choice": render_mc, "schema": render_schema, "language_modeling": render_lm}[task_type]
+    bos = tokenizer.get_bos_token_id()
+    max_len = model.rotary_len
+    correct = torch.zeros(len(data), dtype=torch.float32, device=model.get_device())
+    for idx in range(rank, len(data), world_size):
+        others = [i for i in range(len(data)) if i != idx]
+        shots = [data[i] for i in random.Random(1234 + idx).sample(others, num_shots)] if num_shots else []
+        token_lists = tokenizer.encode(render(data[idx], delim, shots), prepend=bos)
+        spans = continuation_spans(task_type, token_lists)
+        cut = [max(0, len(t) - max_len) for t in token_lists]
+        token_lists = [t[c:] for t, c in zip(token_lists, cut)]
+        spans = [(s - c, e - c) for (s, e), c in zip(spans, cut)]
+        correct[idx] = float(score_example(model, token_lists, spans, task_type, data[idx].get("gold"), bos))
+    if world_size > 1:
+        dist.all_reduce(correct)
+    return correct.mean().item()
+
+
+def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_size=1):
+    """CORE: mean over tasks of accuracy centered on the random baseline. Tasks whose data file is missing
+    are skipped and named; the result is then marked partial. Returns a dict (results, centered, core...)."""
+    bundle = bundle or ensure_eval_bundle()
+    with open(os.path.join(bundle, "core.yaml")) as f:
+        tasks = parse_core_yaml(f.read())
+    with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    results, centered, missing = {}, {}, []
+    for task in tasks:
+        label, path = task["label"], os.path.join(bundle, "eval_data", task["dataset_uri"])
+        if not os.path.exists(path):
+            print0(f"CORE: skipping {label}, data file missing: {path}")
+            missing.append(label)
+            continue
+        with open(path) as f:
+            data = [json.loads(line) for line in f if line.strip()]
+        random.Random(1337).shuffle(data)
+        data = data[:max_per_task] if max_per_task > 0 else data
+        t0 = time.time()
+        results[label] = evaluate_core_task(model, tokenizer, data, task, rank, world_size)
+        baseline = 0.01 * baselines[label]
+        centered[label] = (results[label] - baseline) / (1.0 - baseline)
+        print0(f"{label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
+               f"({len(data)} examples, {time.time() - t0:.1f}s)")
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered_results": centered, "core_metric": core,
+            "missing": missing, "partial": bool(missing)}
+
+
+def write_core_csv(path, core):
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Task", "Accuracy", "Centered"])
+        for label, acc in core["results"].items():
+            writer.writerow([label, f"{acc:.6f}", f"{core['centered_results'][label]:.6f}"])
+        writer.writerow(["CORE", "", f"{core['core_metric']:.6f}"])
+        if core["partial"]:
+            writer.writerow(["partial: missing " + " ".join(core["missing"]), "", ""])
+
+
+def sample_base_model(model, tokenizer, num_unconditional=8):
+    """The fixed prompts greedily (16 tokens), then unconditional samples at temperature 1 (128 tokens)."""
+    bos = tokenizer.get_bos_token_id()
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=bos)
+        print0(repr(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0)))))
+    for seed in range(num_unconditional):
+        print0("-" * 40 + "\n" + tokenizer.decode(list(model.generate([bos], 128, temperature=1.0, seed=seed))))
+
+
+def run_base_eval(args):
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    step = meta["step"]
+    evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+    unknown = set(evals) - {"bpb", "core", "sample"}
+    if unknown:
+        raise NanochatError(f"--eval {args.eval}: unknown {', '.join(sorted(unknown))}; choose from bpb,core,sample")
+    out_dir = os.path.join(get_base_dir(), "base_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    if "bpb" in evals:
+        B, T = args.device_batch_size, model.config.sequence_len
+        steps = args.split_tokens // (B * T * world_size)
+        if steps == 0:
+            raise NanochatError(f"--split-tokens {args.split_tokens} is below one batch ({B}x{T}x{world_size} "
+                                "tokens): raise it or lower --device-batch-size")
+        token_bytes = get_token_bytes(device)
+        for split in ("train", "val"):
+            batches = bestfit_batches(tokenizer, B, T, split, device, stream=rank, num_streams=world_size)
+            print0(f"{split} bpb: {evaluate_bpb(model, batches, steps, token_bytes):.6f}")
+            batches.close()
+    if "core" in evals:
+        if rank == 0:
+            ensure_eval_bundle()
+        if ddp:
+            dist.barrier()
+        core = evaluate_core(model, tokenizer, args.max_per_task, rank=rank, world_size=world_size)
+        note = f" (partial: {len(core['results'])} of {len(core['results']) + len(core['missing'])} tasks, " \
+               f"missing {', '.join(core['missing'])})" if core["partial"] else ""
+        print0(f"CORE metric: {core['core_metric']:.4f}{note}")
+        if rank == 0:
+            csv_path = os.path.join(out_dir, f"base_model_{step:06d}.csv")
+            write_core_csv(csv_path, core)
+            print0(f"wrote {csv_path}")
+    if "sample" in evals and rank == 0:
+        sample_base_model(model, tokenizer)
+    compute_cleanup()
+
 
 # =============================================================================================
 # Chat model evaluation: categorical and generative tasks, ChatCORE (owner: SFTRL)
 # =============================================================================================
 
+from common import ARC, GSM8K, MMLU, Engine, HumanEval, SpellingBee, report_section
+
+# name -> (task at its eval split, accuracy of random guessing); ChatCORE centers on the latter (§8.4).
+# SpellingBee is the sixth ChatCORE task, as in the reference's last version that had it.
+CHAT_TASKS = {
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
+    "HumanEval": (lambda: HumanEval(), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def parse_chat_tasks(spec):
+    """'ARC-Easy,MMLU' (or the reference's 'ARC-Easy|MMLU'; empty = all) -> validated list of names."""
+    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()] or list(CHAT_TASKS)
+    unknown = [n for n in names if n not in CHAT_TASKS]
+    if unknown:
+        raise NanochatError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(CHAT_TASKS)}")
+    return names
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_over_ranks(count, device):
+    t = torch.tensor(count, dtype=torch.long, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def report_progress(name, done, total, correct, t0):
+    """One self-overwriting line with accuracy so far and ETA (rank 0, per-rank counts)."""
+    eta = (time.time() - t0) / max(done, 1) * (total - done)
+    print0(f"\r{name}: {done}/{total} ({correct / max(done, 1):.1%}) eta {eta:.0f}s ", end="")
+
+
+def letter_token_ids(tokenizer, letters):
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise NanochatError(f"answer letters {letters} do not each encode to one token with this tokenizer: "
+                            "categorical evaluation needs single-token letters")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None, name="task"):
+    """Multiple choice without sampling: one forward per batch of prompts (right-padded with BOS), and the
+    answer is the allowed letter whose logit is highest at the <|assistant_start|> position.
+    Batches are strided over ranks. Returns (num_correct, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos = tokenizer.get_bos_token_id()
+    correct, done, t0 = 0, 0, time.time()
+    for start in range(rank * batch_size, n, world * batch_size):
+        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            scores = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]
+            correct += bool(task.evaluate(conversation, letters[scores.argmax().item()]))
+        done += len(conversations)
+        report_progress(name, done * world, n, correct, t0)
+    print0()
+    return sum_over_ranks(correct, device), n
+
+
+@torch.no_grad()
+def run_generative(model, tokenizer, task, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   max_problems=None, name="task"):
+    """Sample `num_samples` completions per problem (KV-cache engine, tools on) and grade them; a problem
+    passes if any sample does (pass@num_samples). Problems are strided over ranks.
+    Returns (num_passed, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    engine = Engine(model, tokenizer)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    passed, done, t0 = 0, 0, time.time()
+    for i in range(rank, n, world):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k)
+        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        passed += any(task.evaluate(conversation, c) for c in completions)
+        done += 1
+        report_progress(name, done * world, n, passed, t0)
+    print0()
+    return sum_over_ranks(passed, device), n
+
+
+def run_chat_eval(name, model, tokenizer, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0,
+                  top_k=50, max_problems=None):
+    """Accuracy of the model on one task of CHAT_TASKS (categorical or generative as the task says)."""
+    task = CHAT_TASKS[name][0]()
+    if task.eval_type == "categorical":
+        correct, total = run_categorical(model, tokenizer, task, batch_size, max_problems, name)
+    else:
+        correct, total = run_generative(model, tokenizer, task, num_samples, max_new_tokens, temperature,
+                                        top_k, max_problems, name)
+    return correct / max(total, 1)
+
+
+def chatcore(accuracies, names=tuple(CHAT_TASKS)):
+    """Mean over `names` of the accuracy centered on random guessing: 0 = chance, 1 = perfect.
+    None unless every one of `names` was evaluated."""
+    if not all(n in accuracies for n in names):
+        return None
+    return sum((accuracies[n] - CHAT_TASKS[n][1]) / (1 - CHAT_TASKS[n][1]) for n in names) / len(names)
+
+
+def chat_eval_main(args):
+    """`evaluate.py --stage sft|rl`: per-task accuracy table, ChatCORE, CSV in <base>/chat_eval/."""
+    names = parse_chat_tasks(args.tasks)
+    ddp, rank, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    accuracies = {}
+    for name in names:
+        accuracies[name] = run_chat_eval(name, model, tokenizer, args.batch_size, args.num_samples,
+                                         args.max_new_tokens, args.temperature, args.top_k, args.max_problems)
+    rows = [(name, f"{acc:.4f}") for name, acc in accuracies.items()]
+    score = chatcore(accuracies)
+    if score is not None:
+        rows.append(("ChatCORE", f"{score:.4f}"))
+    print0(f"\n{args.stage} model, step {meta.get('step')}:")
+    for name, value in rows:
+        print0(f"  {name:<14} {value}")
+    if rank == 0:
+        out_dir = os.path.join(get_base_dir(), "chat_eval")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{args.stage}_model_{meta.get('step', 0):06d}.csv")
+        with atomic_write(path, "w") as f:
+            f.write("Task,Accuracy\n" + "".join(f"{name},{value}\n" for name, value in rows))
+        print0(f"wrote {path}")
+    report_section(f"Chat evaluation {args.stage}", {"step": meta.get("step"), **accuracies,
+                                                     **({"ChatCORE": score} if score is not None else {})},
+                   column=args.stage.upper())
+    compute_cleanup()
+
 
 # =============================================================================================
 # Command line (owner: PRETRAIN creates it; SFTRL adds the chat flags and dispatch)
 # =============================================================================================
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["base", "sft", "rl"], default="base", help="which checkpoint to evaluate")
+    parser.add_argument("--model-tag", default=None, help="checkpoint subdirectory (default: the largest d<N>)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    base = parser.add_argument_group("base model (--stage base)")
+    base.add_argument("--eval", default="core,bpb,sample", help="comma-separated: bpb, core, sample")
+    base.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    base.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward for bpb")
+    base.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    chat = parser.add_argument_group("chat model (--stage sft|rl)")
+    chat.add_argument("--tasks", default="", help=f"comma-separated, default all: {','.join(CHAT_TASKS)}")
+    chat.add_argument("--max-problems", type=int, default=None, help="problems per task (default: all)")
+    chat.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--top-k", type=int, default=50)
+    chat.add_argument("--batch-size", type=int, default=8, help="problems per forward for categorical tasks")
+    return parser.parse_args(argv)
+
+
+RUNNERS = {"base": run_base_eval, "sft": chat_eval_main, "rl": chat_eval_main}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.stage not in RUNNERS:
+        raise NanochatError(f"--stage {args.stage} evaluation is not available in this version")
+    RUNNERS[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

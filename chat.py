@@ -1,0 +1,131 @@
+"""Talk to a trained model in the terminal.
+
+    python chat.py                                   # interactive chat with the latest SFT checkpoint
+    python chat.py -p "Why is the sky blue?"         # answer once and exit
+    python chat.py --stage rl --temperature 0.8      # another stage / sampling settings
+
+Runs on the CPU, Apple MPS or one GPU (picked automatically, or --device-type cpu|mps|cuda).
+The reply streams as it is generated; calculator calls show as [calculator: 2+3 = 5].
+Commands: /clear (new conversation), /temperature v, /topk v (0 = off), /help, /quit (also quit, exit).
+Ctrl-C during a reply stops that reply; Ctrl-C or Ctrl-D at the prompt leaves.
+A conversation longer than the model's context loses its oldest turns (you are told when).
+"""
+import argparse
+import contextlib
+import sys
+
+from common import Engine, NanochatError, Utf8Streamer, build_chat_prompt, compute_init, load_model, reply_to_content
+
+HELP = "commands: /clear  /temperature v  /topk v  /help  /quit"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="sft", choices=["sft", "rl", "base"], help="which checkpoint family")
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: most recent)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: most recent)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = always the most likely token")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
+    args = parser.parse_args()
+    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
+        parser.error("--temperature and --top-k must be >= 0, --max-tokens >= 1")
+    return args
+
+
+def stream_reply(engine, prompt, settings, seed):
+    """Print the reply as it is generated; Ctrl-C stops it early. Returns the reply's tokens."""
+    streamer, tokens = Utf8Streamer(engine.tokenizer), []
+    try:
+        for column, _ in engine.generate(prompt, max_tokens=settings["max_tokens"], seed=seed,
+                                         temperature=settings["temperature"], top_k=settings["top_k"] or None):
+            if column[0] in engine.stop_tokens:
+                break
+            tokens.append(column[0])
+            print(streamer.push(column[0]), end="", flush=True)
+    except KeyboardInterrupt:
+        print(streamer.flush() + " [stopped]", end="")
+    print(streamer.flush(), flush=True)
+    return tokens
+
+
+def run_command(line, settings, messages):
+    """Handle a /command; returns False to quit."""
+    name, _, value = line.partition(" ")
+    try:
+        if name in ("/quit", "/exit"):
+            return False
+        elif name == "/clear":
+            messages.clear()
+            print("(new conversation)")
+        elif name == "/temperature" and float(value) >= 0:
+            settings["temperature"] = float(value)
+            print(f"(temperature {settings['temperature']})")
+        elif name == "/topk" and int(value) >= 0:
+            settings["top_k"] = int(value)
+            print(f"(top-k {settings['top_k'] or 'off'})")
+        else:
+            print(HELP)
+    except ValueError:
+        print(f"(bad value {value!r}) {HELP}")
+    return True
+
+
+def answer(engine, messages, settings, seed):
+    """Add the assistant's reply to `messages`, trimming the oldest turns if the context is full.
+    Returns False when the last message alone is too long (it is removed again)."""
+    try:
+        prompt, dropped = build_chat_prompt(engine.tokenizer, messages, engine.model.config.sequence_len,
+                                            settings["max_tokens"])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        messages.pop()
+        return False
+    if dropped:
+        del messages[:2 * dropped]
+        print(f"(the conversation outgrew the model's context: forgot the {dropped} oldest turn(s))", file=sys.stderr)
+    tokens = stream_reply(engine, prompt, settings, seed)
+    messages.append({"role": "assistant", "content": reply_to_content(engine.tokenizer, tokens)})
+    return True
+
+
+def main():
+    args = parse_args()
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation itself
+        _, _, _, _, device = compute_init(args.device_type)
+        model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    settings = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    messages = []
+    if args.prompt is not None:
+        messages.append({"role": "user", "content": args.prompt})
+        return 0 if answer(engine, messages, settings, seed=42) else 1
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    print(f"nanochat {args.stage} model ({device}). {HELP}")
+    for turn in range(10**9):
+        try:
+            line = input("\nYou: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("quit", "exit") or (line.startswith("/") and not run_command(line, settings, messages)):
+            return 0
+        if line.startswith("/"):
+            continue
+        messages.append({"role": "user", "content": line})
+        print("Assistant: ", end="", flush=True)
+        answer(engine, messages, settings, seed=42 + turn)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NanochatError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,673 @@
+"""The GPT model, its attention backend, the KV cache and the Muon+AdamW optimizer, in one file.
+
+This file depends on torch and the Python standard library only: copy it alone into another project.
+
+    import torch, model
+    config = model.GPTConfig(sequence_len=512, vocab_size=32768, n_layer=6, n_head=6, n_kv_head=6, n_embd=384)
+    gpt = model.build_gpt(config, torch.device("cpu"))        # meta construction + init in one call
+    optimizer = gpt.setup_optimizer()
+    loss = gpt(x, y); loss.backward(); optimizer.step(); gpt.zero_grad(set_to_none=True)
+
+Under torchrun (CPU `gloo` or CUDA `nccl`) initialize the process group first: the optimizer then averages the
+gradients itself (ZeRO-2: reduce-scatter, each rank updates a shard, all-gather), no DistributedDataParallel.
+Parameter names equal the reference nanochat's state-dict keys, so its checkpoints load unchanged.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _compute_dtype():
+    """bf16 where the hardware has fast bf16 matmuls (CUDA capability >= 8.0), else fp32; NANOCHAT_DTYPE overrides.
+    (fp32 on the CPU on purpose: bf16 matmuls there are many times slower than fp32 on common x86 CPUs.)"""
+    name = os.environ.get("NANOCHAT_DTYPE")
+    if name:
+        if name not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"NANOCHAT_DTYPE={name!r} is not supported: use bfloat16, float16 or float32")
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE = _compute_dtype()
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backend: FlashAttention-3 on Hopper in bf16, otherwise PyTorch's scaled_dot_product_attention.
+
+
+def _load_flash_attention_3():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:  # a local FA3 build exposes `flash_attn_interface`; the HF `kernels` package can fetch the same module
+        import flash_attn_interface
+        return flash_attn_interface
+    except Exception:
+        pass
+    try:
+        from kernels import get_kernel
+        return get_kernel("varunneal/flash-attention-3").flash_attn_interface
+    except Exception:
+        return None
+
+
+FA3 = _load_flash_attention_3()
+USE_FA3 = FA3 is not None and COMPUTE_DTYPE == torch.bfloat16
+
+
+def attention(q, k, v, window, impl=None):
+    """Causal attention of q (B, Tq, H, hd) over k, v (B, Tk, Hkv, hd); the queries are the last Tq of the Tk
+    positions. A query sees the keys at most `window` positions back (window >= Tk-1: the whole prefix).
+    Returns (B, Tq, H, hd). impl: None (automatic), "fa3" or "sdpa"."""
+    impl = impl or ("fa3" if USE_FA3 else "sdpa")
+    Tq, Tk = q.size(1), k.size(1)
+    full = window >= Tk - 1
+    if impl == "fa3":
+        out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(-1 if full else window, 0))
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, hd)
+    gqa = q.size(1) != k.size(1)
+    if Tq == 1:  # decoding: the single query sees the last window+1 keys, no mask needed
+        if not full:
+            k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    elif Tq == Tk and full:  # the fast path: fused causal kernels on every device
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif Tq == Tk:
+        y = _sliding_window_attention(q, k, v, window)
+    else:  # a chunk of queries after cached keys (inference only): a small explicit (Tq, Tk) mask
+        rows = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        cols = torch.arange(Tk, device=q.device)[None, :]
+        mask = (cols <= rows) & (rows - cols <= window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _sliding_window_attention(q, k, v, window):
+    """Sliding-window causal attention in O(T * window) time and memory, without a dense T x T mask.
+    Queries are cut into blocks of c positions; block i attends to the keys [i*c - window, i*c + c), gathered
+    with unfold over left-padded keys, under one small (n, c, c + window) mask shared by all batch rows and heads.
+    q, k, v: (B, H, T, hd) with equal T; returns (B, H, T, hd)."""
+    B, H, T, hd = q.shape
+    if k.size(1) != H:  # grouped-query attention: give every query head its key/value head
+        k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
+    c = max(window, 64)
+    n = -(-T // c)
+    pad = n * c - T
+    q = F.pad(q, (0, 0, 0, pad)).view(B * H, n, c, hd)
+    k, v = (F.pad(t, (0, 0, window, pad)).unfold(2, c + window, c).transpose(-1, -2).reshape(B * H, n, c + window, hd)
+            for t in (k, v))
+    a = torch.arange(c, device=q.device)[:, None]               # query offset inside its block
+    b = torch.arange(c + window, device=q.device)[None, :]      # key offset inside the block's key span
+    start = torch.arange(n, device=q.device)[:, None, None] * c - window  # absolute position of key offset 0
+    mask = (b >= a) & (b <= a + window) & (start + b >= 0)      # causal, within the window, not left padding
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.view(B, H, n * c, hd)[:, :, :T]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self):
+        problems = []
+        if self.n_layer < 1 or self.n_head < 1 or self.n_kv_head < 1 or self.vocab_size < 1 or self.sequence_len < 1:
+            problems.append("n_layer, n_head, n_kv_head, vocab_size and sequence_len must be positive")
+        elif self.n_embd % self.n_head:
+            problems.append(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: pick a head count "
+                            f"that divides it (n_embd = n_head * head_dim)")
+        elif (self.n_embd // self.n_head) % 2:
+            problems.append(f"head_dim {self.n_embd // self.n_head} is odd: rotary embeddings need an even head_dim")
+        elif self.n_head % self.n_kv_head:
+            problems.append(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            problems.append(f"window_pattern {self.window_pattern!r} may only contain S (short) and L (long) "
+                            f"characters, e.g. SSSL or L")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def config_for_depth(depth, aspect_ratio=64, head_dim=128, **overrides):
+    """The reference's width rule: n_embd = depth * aspect_ratio rounded up to a multiple of head_dim."""
+    if depth < 1 or aspect_ratio < 1 or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"depth {depth} and aspect ratio {aspect_ratio} must be positive and head_dim "
+                         f"{head_dim} an even number >= 2")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    return GPTConfig(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **overrides)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # RMSNorm without learnable parameters
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer whose (fp32 master) weight is cast to the activation dtype in forward."""
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary_emb(x, cos, sin):
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]  # half-split convention (rotation by -theta, as in the reference)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def has_value_embedding(layer_idx, n_layer):
+    return layer_idx % 2 == (n_layer - 1) % 2  # alternating layers, always including the last
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        D, kv_dim = config.n_embd, config.n_kv_head * self.head_dim
+        self.c_q = Linear(D, D)
+        self.c_k = Linear(D, kv_dim)
+        self.c_v = Linear(D, kv_dim)
+        self.c_proj = Linear(D, D)
+        if has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate = Linear(12, config.n_kv_head)  # per kv-head gate from the first 12 channels
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding mixed in with a gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm, then a slightly sharper softmax than 1/sqrt(hd)
+        if kv_cache is not None:  # write this chunk into the cache, attend over everything cached so far
+            pos = kv_cache.pos
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            k_cache[:, pos:pos + T] = k
+            v_cache[:, pos:pos + T] = v
+            k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
+        y = attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        """Declares the modules only: build under torch.device("meta"), then to_empty() and init_weights()
+        (or call build_gpt, which does all three)."""
+        super().__init__()
+        self.config = config
+        L, D = config.n_layer, config.n_embd
+        padded_vocab = -(-config.vocab_size // 64) * 64  # multiple of 64 for efficient matmuls
+        kv_dim = config.n_kv_head * (D // config.n_head)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab, D),
+            h=nn.ModuleList([Block(config, i) for i in range(L)]),
+        ))
+        self.lm_head = Linear(D, padded_vocab)  # untied from wte
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(24, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded_vocab, kv_dim)
+                                           for i in range(L) if has_value_embedding(i, L)})
+        self.window_sizes = self._window_sizes()
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.chunked_loss = True  # lm_head + softcap + cross-entropy in row chunks (see softcap_cross_entropy)
+
+    def _window_sizes(self):
+        """Left window per layer: L = the whole sequence, S = a quarter of it rounded up to 128; last layer L."""
+        T = self.config.sequence_len
+        pattern = self.config.window_pattern.upper()
+        short = math.ceil(T / 4 / 128) * 128
+        sizes = [T if pattern[i % len(pattern)] == "L" else short for i in range(self.config.n_layer)]
+        sizes[-1] = T
+        return sizes
+
+    def _rotary_tables(self, length, base=100000, device=None):
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos().to(COMPUTE_DTYPE)[None, :, None, :], angles.sin().to(COMPUTE_DTYPE)[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The reference initialization (uses the global RNG; seed it for reproducible weights)."""
+        L, D = self.config.n_layer, self.config.n_embd
+        s = 3 ** 0.5 * D ** -0.5  # uniform bound with std 1/sqrt(D)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if hasattr(block.attn, "ve_gate"):
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
+        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        if COMPUTE_DTYPE != torch.float16:  # fp16 embeddings stay fp32: GradScaler cannot unscale fp16 grads
+            for emb in [self.transformer.wte, *self.value_embeds.values()]:
+                emb.to(dtype=COMPUTE_DTYPE)
+        self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_scaling_params(self):
+        """Parameter counts by kind; the horizon uses transformer_matrices + lm_head."""
+        counts = dict(
+            wte=self.transformer.wte.weight.numel(),
+            value_embeds=sum(p.numel() for p in self.value_embeds.parameters()),
+            lm_head=self.lm_head.weight.numel(),
+            transformer_matrices=sum(p.numel() for p in self.transformer.h.parameters()),
+            scalars=sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                            self.smear_lambda, self.backout_lambda)),
+        )
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is not counted"
+        return counts
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per matmul weight plus the attention scores and values per layer.
+        Counts every nn.Linear (subclasses included), so it stays right when layers are swapped (e.g. for fp8)."""
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        head_dim = self.config.n_embd // self.config.n_head
+        attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.window_sizes)
+        return 6 * matmul_params + attn
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        scalar_lr=0.5):
+        """AdamW for embeddings, lm_head and scalars; Muon for every matrix in the blocks (one group per shape)."""
+        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=list(params), lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * dmodel_lr_scale, (0.8, 0.96), 0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * dmodel_lr_scale, (0.8, 0.995), 0.001),
+            adamw(self.value_embeds.parameters(), embedding_lr * dmodel_lr_scale * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        matrices = list(self.transformer.h.parameters())
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                               momentum=0.95, beta2=0.9, ns_steps=5, weight_decay=weight_decay))
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        return MuonAdamW(groups)
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids. Returns fp32 logits (B, T, vocab_size) without targets, else the cross-entropy
+        (ignore_index=-1; loss_reduction 'mean', 'sum' or 'none' for per-token losses of shape (B*T,))."""
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.rotary_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the rotary cache of {self.rotary_len} "
+                             f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
+        if kv_cache is not None and pos + T > kv_cache.k_cache.size(2):
+            raise ValueError(f"the KV cache holds {kv_cache.k_cache.size(2)} positions, {pos + T} needed")
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x = self._smear(x, kv_cache)
+        x0, x_backout, L = x, None, self.config.n_layer
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            if i == L // 2:
+                x_backout = x
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
+        weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
+        if targets is None:
+            return softcap(F.linear(x, weight.to(x.dtype)).float())
+        if self.chunked_loss and loss_reduction in ("mean", "sum"):
+            return softcap_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), loss_reduction)
+        logits = softcap(F.linear(x, weight.to(x.dtype)).float())
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
+
+    def _smear(self, x, kv_cache):
+        """Add to each position a gated share of the previous position's (pre-smear) embedding.
+        With a KV cache, the last embedding of the previous chunk is kept in the cache for the next one."""
+        prev = kv_cache.prev_embedding if kv_cache is not None else None
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:].clone()
+        if prev is not None:
+            shifted = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
+            return x + gate * shifted
+        if x.size(1) == 1:
+            return x
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
+        return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive batch-1 sampler without a KV cache (the reference the Engine is tested against); yields ids."""
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if temperature > 0:
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+def build_gpt(config, device):
+    """Construct on the meta device (no memory, no wasted init), allocate on `device`, initialize."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+SOFTCAP = 15.0
+
+
+def softcap(logits):
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def softcap_cross_entropy(x, weight, targets, reduction="mean", chunk_rows=256):
+    """cross_entropy(softcap(x @ weight.T), targets) without ever holding the (N, V) logits: the rows are
+    processed in chunks, and under autograd the gradients are computed chunk by chunk during the forward
+    (one pass over the logits instead of three, and no (N, V) fp32 tensors in memory)."""
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _SoftcapCrossEntropy.apply(x, weight, targets, reduction, chunk_rows, need_grad)
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, reduction, chunk_rows, need_grad):
+        w = weight.to(x.dtype)
+        valid = targets != -1
+        count = valid.sum().clamp_min(1) if reduction == "mean" else torch.ones((), device=x.device)
+        dx = torch.empty_like(x) if need_grad else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.size(0), chunk_rows):
+            xc, tc, vc = x[s:s + chunk_rows], targets[s:s + chunk_rows], valid[s:s + chunk_rows]
+            t = torch.tanh(F.linear(xc, w).float() / SOFTCAP)
+            z = SOFTCAP * t
+            lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, tc.clamp_min(0)[:, None])[:, 0]
+            total += ((lse - picked) * vc).sum()
+            if need_grad:  # d loss / d logits = (softmax(z) - onehot) * (1 - tanh^2), per valid row
+                g = torch.exp_(z.sub_(lse[:, None]))
+                g[torch.arange(len(tc), device=x.device), tc.clamp_min(0)] -= 1.0
+                g.mul_(t.square_().neg_().add_(1.0)).mul_((vc / count)[:, None])
+                dx[s:s + chunk_rows] = F.linear(g.to(x.dtype), w.t())
+                dw.addmm_(g.t(), xc.float() if xc.dtype != torch.float32 else xc)
+        if need_grad:
+            ctx.save_for_backward(dx, dw)
+            ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_out.to(dx.dtype), (dw * grad_out).to(ctx.weight_dtype), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference KV cache
+
+
+class KVCache:
+    """Keys and values of every layer, laid out (layers, batch, time, kv_heads, head_dim), plus the smear state."""
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
+        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.pos = 0  # same as cache_seqlens[0], kept on the host to avoid a device sync per layer
+        self.prev_embedding = None  # (batch, 1, n_embd): normalized embedding of the last token seen
+
+    def reset(self):
+        self.cache_seqlens.zero_()
+        self.pos = 0
+        self.prev_embedding = None
+
+    def get_pos(self):
+        return self.pos
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+
+    def advance(self, num_tokens):
+        self.cache_seqlens += num_tokens
+        self.pos += num_tokens
+
+    def prefill(self, other):
+        """Copy a batch-1 cache's filled prefix (and smear state) into every row of this one."""
+        if other.k_cache.size(1) != 1:
+            raise ValueError(f"prefill copies from a batch-1 cache, got batch {other.k_cache.size(1)}")
+        if other.pos > self.k_cache.size(2):
+            raise ValueError(f"prefix of {other.pos} tokens does not fit a cache of {self.k_cache.size(2)}")
+        n = other.pos
+        self.k_cache[:, :, :n] = other.k_cache[:, :, :n]
+        self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
+        self.cache_seqlens.fill_(n)
+        self.pos = n
+        prev = other.prev_embedding
+        self.prev_embedding = None if prev is None else prev.expand(self.k_cache.size(1), -1, -1).clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer: AdamW for embeddings/scalars, Muon for the block matrices, ZeRO-2 sharding under torch.distributed
+
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, betas, eps, wd):
+    """One AdamW step on p (any dtype) with fp32 math; the moments keep the parameter's dtype."""
+    beta1, beta2 = betas
+    p32, g32 = p.float(), g.float()
+    m = exp_avg.float().lerp_(g32, 1 - beta1)
+    v = exp_avg_sq.float().lerp_(g32.square(), 1 - beta2)
+    p32.mul_(1 - lr * wd)
+    denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
+    p32.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+    for dst, src in ((p, p32), (exp_avg, m), (exp_avg_sq, v)):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+
+
+def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, wd, ns_steps):
+    """Muon on a stack of same-shaped matrices p, g: (K, m, n). Updates p, the buffers and g in place."""
+    m, n = p.shape[-2:]
+    fro = lambda t: t.norm(dim=(-2, -1), keepdim=True)
+    momentum_buffer.lerp_(g, 1 - momentum)
+    g = g.lerp_(momentum_buffer, momentum)  # Nesterov
+    x = g.to(torch.bfloat16) if COMPUTE_DTYPE == torch.bfloat16 else g
+    x = x * (fro(x) / math.sqrt(m)) / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # MuonEq: equal row norms
+    x = x / (1.01 * fro(x) + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:  # Polar Express: x -> its nearest semi-orthogonal matrix
+        if m > n:
+            A = x.mT @ x
+            x = a * x + x @ (b * A + c * A @ A)
+        else:
+            A = x @ x.mT
+            x = a * x + (b * A + c * A @ A) @ x
+    g = x.to(p.dtype)
+    g = g * (math.sqrt(min(m, n)) / fro(g).clamp_min(1e-12))  # Muon+: fixed Frobenius norm
+    # NorMuon: normalize rows (or columns, for wide matrices) by a running second moment, keep the Frobenius norm
+    second_moment.lerp_(g.square().mean(dim=-1 if m >= n else -2, keepdim=True), 1 - beta2)
+    scaled = g * second_moment.clamp_min(1e-10).rsqrt()
+    g = scaled * (fro(g) / fro(scaled).clamp_min(1e-12))
+    lr = lr * math.sqrt(max(1.0, m / n))
+    decay = (g * p >= 0).to(p.dtype) * (lr * wd)  # cautious weight decay: only where update and weight agree
+    p.sub_(lr * g + decay * p)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with kind="adamw" (lr, betas, eps, weight_decay) or kind="muon" (lr, momentum, beta2, ns_steps,
+    weight_decay). Hyperparameters are read from the groups at every step, so schedules may change them freely.
+    When torch.distributed is initialized with several ranks, step() also averages the gradients ZeRO-2 style:
+    reduce-scatter, each rank updates its shard (and keeps only that shard's state), all-gather."""
+    def __init__(self, param_groups):
+        super().__init__(param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        jobs = []  # phase 1: start every gradient reduction; phase 2: update + start gathers; phase 3: copy back
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                jobs += [self._adamw_job(group, p, world, rank) for p in group["params"] if p.grad is not None]
+            elif group["kind"] == "muon":
+                if any(p.grad is not None for p in group["params"]):
+                    jobs.append(self._muon_job(group, world, rank))
+            else:
+                raise ValueError(f"unknown optimizer group kind {group['kind']!r}: use 'adamw' or 'muon'")
+        finishers = [job() for job in jobs]
+        for finish in finishers:
+            if finish is not None:
+                finish()
+
+    def _adamw_job(self, group, p, world, rank):
+        grad = p.grad
+        sharded = world > 1 and p.numel() >= 1024 and p.size(0) % world == 0
+        if sharded:  # this rank owns rows [rank*s, (rank+1)*s)
+            s = p.size(0) // world
+            grad = torch.empty_like(p[:s])
+            work = dist.reduce_scatter_tensor(grad, p.grad, op=dist.ReduceOp.SUM, async_op=True)
+            target = p[rank * s:(rank + 1) * s]
+        elif world > 1:
+            grad = p.grad.clone()
+            work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True)
+            target = p
+        else:
+            work, target = None, p
+
+        def update():
+            if work is not None:
+                work.wait()
+                grad.div_(world)  # SUM then divide: gloo has no AVG
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(target)
+                state["exp_avg_sq"] = torch.zeros_like(target)
+            state["step"] += 1
+            adamw_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                         group["betas"], group["eps"], group["weight_decay"])
+            if not sharded:
+                return None
+            gather = dist.all_gather_into_tensor(p, target.clone(), async_op=True)
+            return gather.wait
+        return update
+
+    def _muon_job(self, group, world, rank):
+        params = group["params"]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        K = len(params)
+        chunk = -(-K // world)  # this rank updates params [rank*chunk, rank*chunk + chunk)
+        grads = torch.stack([p.grad for p in params])
+        if world > 1:
+            if chunk * world > K:
+                grads = torch.cat([grads, grads.new_zeros((chunk * world - K, *grads.shape[1:]))])
+            own_grads = grads.new_empty((chunk, *grads.shape[1:]))
+            work = dist.reduce_scatter_tensor(own_grads, grads, op=dist.ReduceOp.SUM, async_op=True)
+        else:
+            own_grads, work = grads, None
+
+        def update():
+            if work is not None:
+                work.wait()
+                own_grads.div_(world)
+            own = params[rank * chunk:(rank + 1) * chunk]  # may be short (or empty) on the last ranks
+            stacked = torch.zeros((chunk, *params[0].shape), dtype=params[0].dtype, device=params[0].device)
+            if own:
+                stacked[:len(own)] = torch.stack(own)
+            state = self.state[params[0]]
+            if not state:
+                m, n = stacked.shape[-2:]
+                state["momentum_buffer"] = torch.zeros_like(stacked)
+                state["second_momentum_buffer"] = stacked.new_zeros((chunk, m, 1) if m >= n else (chunk, 1, n))
+            muon_update(stacked, own_grads.to(stacked.dtype), state["momentum_buffer"],
+                        state["second_momentum_buffer"], group["lr"], group["momentum"], group["beta2"],
+                        group["weight_decay"], group["ns_steps"])
+            if world == 1:
+                torch._foreach_copy_(params, list(stacked.unbind(0)))
+                return None
+            gathered = stacked.new_empty((chunk * world, *stacked.shape[1:]))
+            gather = dist.all_gather_into_tensor(gathered, stacked, async_op=True)
+
+            def finish():
+                gather.wait()
+                torch._foreach_copy_(params, list(gathered[:K].unbind(0)))
+            return finish
+        return update

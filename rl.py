@@ -1,0 +1,244 @@
+"""Reinforcement learning on GSM8K: on-policy REINFORCE with a mean baseline (a simplified GRPO).
+
+For each question the model samples several answers through the KV-cache engine, with the calculator
+tool on; reward = 1 for the correct final number, advantage = reward - mean reward of the question's
+samples; the loss is the advantage-weighted log-likelihood of the sampled tokens (tool outputs and the
+prompt excluded), normalized per token. No KL term, no reference model, no clipping: every step samples
+fresh from the current weights.
+
+    python rl.py                                     # CPU / one GPU, from the latest SFT checkpoint
+    torchrun --nproc_per_node=8 rl.py                # 8 GPUs (examples per step are split over ranks)
+    python rl.py --num-iterations 20 --num-samples 4 --device-batch-size 4 --max-new-tokens 128   # small CPU run
+    python rl.py --resume-from-step 60               # continue exactly from a checkpoint of this run
+
+Several nodes: torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 rl.py
+Reads <base>/chatsft_checkpoints/<tag>/, writes <base>/chatrl_checkpoints/<tag>/ (model, optimizer shards,
+meta) and metrics.jsonl with reward, calculator use and pass@k.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import (CHECKPOINT_DIRS, GSM8K, Engine, NanochatError, atomic_write, checkpoint_dir, compute_cleanup,
+                    compute_init, find_last_tag, get_base_dir, load_checkpoint, load_model, log_metrics, print0,
+                    report_section, save_checkpoint)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--model-tag", default=None, help="SFT checkpoint tag (default: the latest written)")
+    p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step (default: the latest)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its RL checkpoint at step")
+    p.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
+    p.add_argument("--num-iterations", type=int, default=-1, help="cap on the number of steps (-1 = epochs decide)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="samples per forward/backward pass")
+    p.add_argument("--examples-per-step", type=int, default=16, help="questions per step, over all ranks")
+    p.add_argument("--num-samples", type=int, default=16, help="samples per question")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--init-lr-frac", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (0 = never)")
+    p.add_argument("--eval-examples", type=int, default=400)
+    p.add_argument("--save-every", type=int, default=60)
+    return p.parse_args(argv)
+
+
+def sample_seed(*keys):
+    """Seed of one engine call, a function of (step, example index, pass) only: a resumed run resamples
+    exactly what the interrupted one would have. hash() of a tuple of ints is not salted per process."""
+    return hash(keys) & 0x7FFFFFFF
+
+
+def tool_use(tokenizer, sequences, masks, prompt_len):
+    """(calculator calls, calculator results): <|python_end|> the model wrote, <|output_start|> the engine forced."""
+    python_end, output_start = tokenizer.encode_special("<|python_end|>"), tokenizer.encode_special("<|output_start|>")
+    calls = results = 0
+    for seq, mask in zip(sequences, masks):
+        for token, m in zip(seq[prompt_len:], mask[prompt_len:]):
+            calls += token == python_end and m == 1
+            results += token == output_start and m == 0
+    return calls, results
+
+
+@torch.no_grad()
+def rollout(engine, tokenizer, task, index, num_samples, batch_size, step, args):
+    """Sample `num_samples` answers to question `index` in passes of `batch_size`. Returns
+    (sequences, masks, rewards, prompt_len): sequences are prompt + sample, masks 0 on prompt and tool output."""
+    conversation = task[index]
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = [], []
+    for sampling_pass in range(num_samples // batch_size):
+        seqs, ms = engine.generate_batch(prompt, num_samples=batch_size, max_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k,
+                                         seed=sample_seed(step, index, sampling_pass))
+        sequences += seqs
+        masks += ms
+    rewards = [float(task.reward(conversation, tokenizer.decode(seq[len(prompt):]))) for seq in sequences]
+    return sequences, masks, rewards, len(prompt)
+
+
+def policy_gradient_loss(model, sequences, masks, advantages, pad_token, normalizer):
+    """-sum(advantage * log p(sampled token)) over the learned tokens / normalizer; padding and
+    tool outputs (mask 0) carry no gradient."""
+    device = next(model.parameters()).device
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [pad_token] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -1
+    logp = -model(inputs, targets, loss_reduction="none").view(targets.shape)  # 0 where ignored
+    weights = torch.tensor(advantages, dtype=logp.dtype, device=device).unsqueeze(1)
+    return -(logp * weights).sum() / ((targets >= 0).sum().clamp(min=1) * normalizer)
+
+
+def rl_step(model, optimizer, engine, tokenizer, task, step, lrm, args, rank=0, world_size=1):
+    """One on-policy step: sample this rank's questions of `step`, then one optimizer step on the
+    advantage-weighted log-likelihood, gradients accumulated over every pass and question. Everything
+    random derives from (step, question, pass), so a resumed run repeats it exactly. Returns stats
+    summed over ranks: mean reward and sample length, calculator calls/results, loss."""
+    device = next(model.parameters()).device
+    examples_per_rank = args.examples_per_step // world_size
+    model.eval()
+    rollouts = []
+    for k in range(examples_per_rank):
+        index = (step * args.examples_per_step + rank + k * world_size) % len(task)
+        rollouts.append(rollout(engine, tokenizer, task, index, args.num_samples, args.device_batch_size, step, args))
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    pad_token = tokenizer.encode_special("<|assistant_end|>")
+    normalizer = (args.num_samples // args.device_batch_size) * examples_per_rank
+    stats = torch.zeros(6, device=device)  # reward sum, samples, tokens sampled, calls, results, loss
+    for sequences, masks, rewards, prompt_len in rollouts:
+        mean_reward = sum(rewards) / len(rewards)
+        advantages = [r - mean_reward for r in rewards]  # no std division: plain REINFORCE baseline
+        for b in range(0, len(sequences), args.device_batch_size):
+            batch = slice(b, b + args.device_batch_size)
+            loss = policy_gradient_loss(model, sequences[batch], masks[batch], advantages[batch], pad_token,
+                                        normalizer)
+            loss.backward()
+            stats[5] += loss.detach()
+        stats[:5] += torch.tensor([sum(rewards), len(rewards), sum(len(s) - prompt_len for s in sequences),
+                                   *tool_use(tokenizer, sequences, masks, prompt_len)], device=device)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    return {"reward": (stats[0] / stats[1]).item(), "seq_len": (stats[2] / stats[1]).item(),
+            "calculator_calls": int(stats[3].item()), "calculator_results": int(stats[4].item()),
+            "loss": stats[5].item() / world_size}
+
+
+@torch.no_grad()
+def pass_at_k(engine, tokenizer, task, num_examples, k, args, rank, world_size, device):
+    """pass@1..k on the first `num_examples` test questions (strided over ranks), k samples each."""
+    hits = torch.zeros(k, device=device)
+    total = torch.zeros((), device=device)
+    for index in range(rank, min(num_examples, len(task)), world_size):
+        conversation = task[index]
+        prompt = tokenizer.render_for_completion(conversation)
+        seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k, seed=sample_seed(-1, index))
+        correct = [bool(task.evaluate(conversation, tokenizer.decode(s[len(prompt):]))) for s in seqs]
+        hits += torch.tensor([any(correct[:j + 1]) for j in range(k)], dtype=torch.float, device=device)
+        total += 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(hits)
+        dist.all_reduce(total)
+    return {f"pass@{j + 1}": (hits[j] / total.clamp(min=1)).item() for j in range(k)}
+
+
+def main(args):
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    if args.examples_per_step % world_size:
+        raise NanochatError(f"--examples-per-step {args.examples_per_step} must be a multiple of the "
+                            f"number of GPUs ({world_size})")
+    if args.num_samples % args.device_batch_size:
+        raise NanochatError(f"--num-samples {args.num_samples} must be a multiple of --device-batch-size "
+                            f"{args.device_batch_size}")
+    model, tokenizer, sft_meta = load_model("sft", device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model_tag = args.model_tag or find_last_tag(os.path.join(get_base_dir(), CHECKPOINT_DIRS["sft"]))
+    out_dir = checkpoint_dir("rl", model_tag)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    os.makedirs(out_dir, exist_ok=True)
+    engine = Engine(model, tokenizer)
+    train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+    num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
+    if args.num_iterations > 0:
+        num_steps = min(num_steps, args.num_iterations)
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] *= args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    step = 0
+    if args.resume_from_step >= 0:
+        model_state, optim_state, meta = load_checkpoint(out_dir, args.resume_from_step, device,
+                                                         load_optimizer=True, rank=rank)
+        if optim_state is None:
+            raise NanochatError(f"step {args.resume_from_step} in {out_dir} has no optimizer state for rank {rank}: "
+                                "resume with the same number of GPUs it was saved with")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        step = meta["step"]
+        keep_metrics_before(metrics_path, step, rank)
+        del model_state, optim_state
+    print0(f"RL {model_tag}: {num_steps} steps x {args.examples_per_step} questions x {args.num_samples} samples, "
+           f"{args.max_new_tokens} new tokens max, LR x {args.init_lr_frac}")
+
+    t_start, start_step, evals = time.time(), step, {}
+    while True:
+        last_step = step >= num_steps
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            evals = pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size, args,
+                              rank, world_size, device)
+            model.train()
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+            log_metrics(metrics_path, step=step, **evals)
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            meta = {"step": step, "model_config": vars(model.config), "model_tag": model_tag,
+                    "user_config": vars(args), "sft_step": sft_meta["step"], "num_steps": num_steps}
+            save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+            print0(f"saved {out_dir} step {step}")
+        if last_step:
+            break
+
+        t0 = time.time()
+        lrm = 1.0 - step / num_steps
+        stats = rl_step(model, optimizer, engine, tokenizer, train_task, step, lrm, args, rank, world_size)
+        step += 1
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start_step) * (num_steps - step)
+        print0(f"step {step:05d}/{num_steps} | reward {stats['reward']:.3f} | seq len {stats['seq_len']:.1f} | "
+               f"calculator calls {stats['calculator_calls']} ({stats['calculator_results']} answered) | "
+               f"loss {stats['loss']:.6f} | lrm {lrm:.3f} | {dt:.1f}s | eta {eta:.0f}s")
+        log_metrics(metrics_path, step=step - 1, **stats, lrm=lrm, dt=dt)
+    report_section("Chat RL", {"steps": step, "examples per step": args.examples_per_step,
+                               "samples per question": args.num_samples, **evals}, column="RL")
+    compute_cleanup()
+
+
+def keep_metrics_before(path, step, rank):
+    """On resume: drop the records the interrupted run wrote at or after the checkpoint's step.
+    (Also in sft.py; belongs in common.py beside log_metrics.)"""
+    if rank != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] < step]
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,359 @@
+"""Chat fine-tuning (SFT): teach the pretrained base model the conversation format, multiple choice,
+calculator use and spelling, on a mixture of chat datasets, learning only the assistant's tokens.
+
+    python sft.py                                   # CPU / one GPU; sizes and LRs come from the base checkpoint
+    torchrun --nproc_per_node=8 sft.py              # 8 GPUs (same world size as pretraining: optimizer warm start)
+    python sft.py --max-seq-len 256 --device-batch-size 4 --num-iterations 100 --mmlu-epochs 0   # small CPU run
+    python sft.py --resume-from-step 400            # continue a run exactly where its checkpoint left it
+
+Several nodes: torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 sft.py
+Reads <base>/base_checkpoints/<tag>/ (latest step unless --model-step), writes
+<base>/chatsft_checkpoints/<tag>/: model, optimizer shards, meta (with the packer position for exact
+resume) and metrics.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import (CHECKPOINT_DIRS, GSM8K, MMLU, CustomJSON, MissingSplitError, NanochatError, SimpleSpelling,
+                    SmolTalk, SpellingBee, TaskMixture, atomic_write, checkpoint_dir, compute_cleanup, compute_init, evaluate_bpb,
+                    find_last_tag, get_base_dir, get_token_bytes, load_checkpoint, load_model, log_metrics, print0,
+                    report_section, save_checkpoint)
+from evaluate import CATEGORICAL_TASKS, CHAT_TASKS, chatcore, run_chat_eval
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the largest d<N>)")
+    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the latest)")
+    p.add_argument("--load-optimizer", type=int, default=1, help="warm-start the optimizer from the base checkpoint")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its SFT checkpoint at step")
+    # sizes: None = inherit from the base checkpoint's meta
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--device-batch-size", type=int, default=None)
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step")
+    # learning rates: None = inherit the base run's flags
+    p.add_argument("--embedding-lr", type=float, default=None)
+    p.add_argument("--unembedding-lr", type=float, default=None)
+    p.add_argument("--matrix-lr", type=float, default=None)
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs are scaled by this at the start")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.5)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    # evaluation and saving
+    p.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps and at the end (-1 = never)")
+    p.add_argument("--eval-tokens", type=int, default=40 * 524288)
+    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps and at the end (-1 = never)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="problems per categorical task (-1 = all)")
+    p.add_argument("--chatcore-max-sample", type=int, default=24, help="problems per generative task")
+    p.add_argument("--chatcore-max-new-tokens", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    # the mixture: epochs/sizes of each task, 0 leaves it out
+    p.add_argument("--smoltalk-epochs", type=int, default=1)
+    p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU auxiliary_train passes")
+    p.add_argument("--gsm8k-epochs", type=int, default=4)
+    p.add_argument("--identity-epochs", type=int, default=2)
+    p.add_argument("--identity-path", default=None, help="identity conversations jsonl, path or URL (default: nanochat's)")
+    p.add_argument("--simple-spelling-size", type=int, default=200_000)
+    p.add_argument("--spelling-bee-size", type=int, default=80_000)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the mixture and the best-fit packer
+# ---------------------------------------------------------------------------------------------
+
+def build_train_mixture(args):
+    """Each task is passed `epochs` times: TaskMixture shuffles all entries once, so that oversamples it."""
+    tasks = [SmolTalk(split="train")] * args.smoltalk_epochs
+    if args.mmlu_epochs > 0:
+        try:
+            mmlu = MMLU(subset="auxiliary_train", split="train")
+        except MissingSplitError as e:
+            raise MissingSplitError(f"MMLU auxiliary_train is missing from the data source: pass --mmlu-epochs 0 "
+                                    f"to train without it ({e})") from None
+        tasks += [mmlu] * args.mmlu_epochs
+    if args.gsm8k_epochs > 0:
+        tasks += [GSM8K(subset="main", split="train")] * args.gsm8k_epochs
+    if args.identity_epochs > 0:
+        identity = CustomJSON(args.identity_path) if args.identity_path else CustomJSON()
+        tasks += [identity] * args.identity_epochs
+    if args.simple_spelling_size > 0:
+        tasks.append(SimpleSpelling(size=args.simple_spelling_size, split="train"))
+    if args.spelling_bee_size > 0:
+        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train"))
+    if not tasks:
+        raise NanochatError("the SFT mixture is empty: give at least one task a non-zero epoch count or size")
+    return TaskMixture(tasks)
+
+
+def build_val_mixture():
+    return TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
+                        GSM8K(subset="main", split="test", stop=420)])
+
+
+def new_packer_state(rank):
+    return {"cursor": rank, "epoch": 0, "buffer": [], "consumed": 0, "truncated": 0, "skipped": 0}
+
+
+def render_for_row(tokenizer, conversation, capacity):
+    """(ids, mask, was_truncated): rendered and cut to one row, so every conversation fits somewhere."""
+    ids, mask = tokenizer.render_conversation(conversation, max_tokens=capacity + 1)
+    return ids[:capacity], mask[:capacity], len(ids) > capacity
+
+
+def sft_batches(dataset, tokenizer, batch_size, seq_len, device, state, rank=0, world_size=1, buffer_size=100):
+    """Best-fit packing with padding: each row (seq_len + 1 tokens) takes the longest buffered conversation
+    that still fits, again and again, then is padded with BOS (mask 0). Conversations longer than a row are
+    truncated to it (counted), those left with nothing to learn are skipped (counted), so no row stalls and
+    every row has a supervised token. Yields (inputs, targets, state); `state` (a fresh dict) is the packer
+    position after this batch: the buffer holds dataset indices and is re-rendered on resume."""
+    capacity = seq_len + 1
+    bos = tokenizer.get_bos_token_id()
+    state = dict(state, buffer=list(state["buffer"]))
+    buffer = [(i, *render_for_row(tokenizer, dataset[i], capacity)[:2]) for i in state["buffer"]]
+    while True:
+        rows, masks = [], []
+        for _ in range(batch_size):
+            attempts = 0
+            while len(buffer) < buffer_size:
+                attempts += 1
+                if attempts > len(dataset) and not buffer:
+                    raise NanochatError(f"no conversation has a supervised token within {capacity} tokens: "
+                                        "raise --max-seq-len")
+                index = state["cursor"]
+                state["cursor"] += world_size
+                if state["cursor"] >= len(dataset):
+                    state["cursor"] %= len(dataset)
+                    state["epoch"] += 1
+                ids, mask, truncated = render_for_row(tokenizer, dataset[index], capacity)
+                state["truncated"] += truncated
+                if not any(mask[1:]):
+                    state["skipped"] += 1
+                    continue
+                buffer.append((index, ids, mask))
+            row, row_mask = [], []
+            while True:
+                space = capacity - len(row)
+                fitting = [k for k, item in enumerate(buffer) if len(item[1]) <= space]
+                if not fitting:
+                    break
+                _, ids, mask = buffer.pop(max(fitting, key=lambda k: len(buffer[k][1])))
+                row += ids
+                row_mask += mask
+                state["consumed"] += world_size
+            rows.append(row + [bos] * (capacity - len(row)))
+            masks.append(row_mask + [0] * (capacity - len(row_mask)))
+        batch = torch.tensor(rows, dtype=torch.long)
+        targets = batch[:, 1:].clone()
+        targets[torch.tensor(masks)[:, 1:] == 0] = -1
+        state["buffer"] = [item[0] for item in buffer]
+        yield batch[:, :-1].to(device), targets.to(device), dict(state, buffer=list(state["buffer"]))
+
+
+def sft_loss(model, inputs, targets):
+    """Mean cross-entropy over the supervised targets; exactly 0 (not NaN) when there are none."""
+    return model(inputs, targets, loss_reduction="sum") / (targets >= 0).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules, logging, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def lr_multiplier(progress, args):
+    if progress < args.warmup_ratio:
+        return (progress + 1e-8) / args.warmup_ratio
+    if progress <= 1.0 - args.warmdown_ratio:
+        return 1.0
+    decay = (progress - (1.0 - args.warmdown_ratio)) / args.warmdown_ratio
+    return (1 - decay) * 1.0 + decay * args.final_lr_frac
+
+
+def muon_momentum(step):
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def keep_metrics_before(path, step, rank):
+    """On resume: drop the records the interrupted run wrote at or after the checkpoint's step."""
+    if rank != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] < step]
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
+
+
+def resolve_sizes(args, base_meta, world_size):
+    """seq len, device batch, total batch: flags win, else the base run's (as resolved there)."""
+    seq_len = args.max_seq_len or base_meta.get("max_seq_len") or base_meta["model_config"]["sequence_len"]
+    device_batch = args.device_batch_size or base_meta.get("device_batch_size") or 32
+    tokens_per_micro = device_batch * seq_len * world_size
+    total = args.total_batch_size
+    if total is None:
+        # the base total only carries over when the micro-batch shape does too
+        inherited = base_meta.get("total_batch_size")
+        overridden = args.max_seq_len or args.device_batch_size
+        total = tokens_per_micro if overridden or not inherited else inherited
+    if total % tokens_per_micro:
+        raise NanochatError(f"--total-batch-size {total} is not a multiple of device batch x seq len x GPUs = "
+                            f"{tokens_per_micro}: pass a --total-batch-size that is")
+    return seq_len, device_batch, total, total // tokens_per_micro
+
+
+def main(args):
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    # ---- model, sizes, optimizer: from the base checkpoint, or from our own when resuming ----
+    model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
+                                             step=args.model_step)
+    model_tag = args.model_tag or find_last_tag(os.path.join(get_base_dir(), CHECKPOINT_DIRS["base"]))
+    out_dir = checkpoint_dir("sft", model_tag)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    os.makedirs(out_dir, exist_ok=True)
+    seq_len, device_batch, total_batch, grad_accum = resolve_sizes(args, base_meta, world_size)
+    base_flags = base_meta.get("user_config", {})
+    lrs = {k: getattr(args, k) if getattr(args, k) is not None else base_flags.get(k, default)
+           for k, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
+    optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
+    if args.load_optimizer and args.resume_from_step < 0:
+        base_dir = checkpoint_dir("base", model_tag)
+        _, optim_state, _ = load_checkpoint(base_dir, base_meta["step"], device, load_optimizer=True, rank=rank)
+        if optim_state is None:
+            print0("no optimizer state in the base checkpoint: starting the optimizer fresh")
+        else:
+            fresh_lrs = [group["lr"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(optim_state)  # moments and step counts; it also overwrote the LRs:
+            for group, lr in zip(optimizer.param_groups, fresh_lrs):
+                group["lr"] = lr
+    for group in optimizer.param_groups:
+        group["lr"] *= args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+
+    train_set, val_set = build_train_mixture(args), build_val_mixture()
+    packer_state = new_packer_state(rank)
+    step, progress = 0, 0.0
+    if args.resume_from_step >= 0:
+        model_state, optim_state, meta = load_checkpoint(out_dir, args.resume_from_step, device,
+                                                         load_optimizer=True, rank=rank)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        step, progress = meta["step"], meta["loop_state"]["progress"]
+        packer_state = meta["packer_states"][rank]
+        keep_metrics_before(metrics_path, step, rank)
+        del model_state, optim_state
+    print0(f"SFT {model_tag}: {len(train_set):,} train conversations, seq {seq_len}, device batch {device_batch}, "
+           f"total batch {total_batch:,} tokens (grad accum {grad_accum}), LRs {lrs} x {args.init_lr_frac}")
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_batches = sft_batches(train_set, tokenizer, device_batch, seq_len, device, packer_state, rank, world_size)
+    token_bytes = get_token_bytes(device)
+    eval_steps = max(1, args.eval_tokens // (device_batch * seq_len * world_size))
+
+    # ---- the loop: evals and saves see the model after `step` optimizer steps ----
+    last_step = False
+    val_bpb, chat_scores = None, {}
+    t_start = time.time()
+    start_step = step
+    while True:
+        if args.num_iterations > 0:
+            last_step = step >= args.num_iterations
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            val_batches = sft_batches(val_set, tokenizer, device_batch, seq_len, device, new_packer_state(rank),
+                                      rank, world_size)
+            val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+            model.train()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            log_metrics(metrics_path, step=step, val_bpb=val_bpb)
+        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+            model.eval()
+            accuracies = {}
+            for name in CHAT_TASKS:
+                categorical = name in CATEGORICAL_TASKS
+                limit = (args.chatcore_max_cat if args.chatcore_max_cat >= 0 else None) if categorical \
+                    else args.chatcore_max_sample
+                accuracies[name] = run_chat_eval(name, model, tokenizer, batch_size=device_batch,
+                                                 max_new_tokens=args.chatcore_max_new_tokens, max_problems=limit)
+            model.train()
+            record = {"step": step, "chatcore": chatcore(accuracies),
+                      "chatcore_cat": chatcore(accuracies, CATEGORICAL_TASKS), **accuracies}
+            chat_scores = {"ChatCORE": record["chatcore"], **accuracies}
+            print0(" | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step" and v is not None))
+            log_metrics(metrics_path, **record)
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            states = [None] * world_size
+            if ddp:
+                dist.all_gather_object(states, packer_state)
+            else:
+                states = [packer_state]
+            meta = {"step": step, "val_bpb": val_bpb, "model_config": vars(model.config), "model_tag": model_tag,
+                    "user_config": vars(args), "max_seq_len": seq_len, "device_batch_size": device_batch,
+                    "total_batch_size": total_batch, "base_step": base_meta["step"], "packer_states": states,
+                    "loop_state": {"progress": progress}}
+            save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+            print0(f"saved {out_dir} step {step}")
+        if last_step:
+            break
+
+        # ---- one optimizer step ----
+        t0 = time.time()
+        lrm = lr_multiplier(progress, args)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        train_loss = torch.zeros((), device=device)
+        supervised = 0
+        for _ in range(grad_accum):
+            inputs, targets, packer_state = next(train_batches)
+            loss = sft_loss(train_model, inputs, targets)
+            (loss / grad_accum).backward()
+            train_loss += loss.detach() / grad_accum
+            supervised += (targets >= 0).sum().item()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        # progress: the requested steps, or the share of the mixture packed so far (one epoch)
+        epoch_done = packer_state["consumed"] >= len(train_set)
+        if args.num_iterations > 0:
+            progress = step / args.num_iterations
+        else:
+            progress = max(progress, min(packer_state["consumed"] / len(train_set), 1.0))
+            flag = torch.tensor(int(epoch_done), device=device)
+            if ddp:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            last_step = bool(flag.item())
+        if ddp:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss = train_loss.item()
+        if not math.isfinite(train_loss):
+            raise NanochatError(f"train loss is {train_loss} at step {step}: lower the learning rates")
+        dt = time.time() - t0
+        eta = (time.time() - t_start) / (step - start_step) * max(0, (args.num_iterations - step) if
+                                                                   args.num_iterations > 0 else 0)
+        print0(f"step {step:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | "
+               f"progress {progress:.1%} | truncated {packer_state['truncated']} skipped {packer_state['skipped']}"
+               + (f" | eta {eta:.0f}s" if args.num_iterations > 0 else ""))
+        log_metrics(metrics_path, step=step - 1, loss=train_loss, lrm=lrm, dt=dt, progress=progress,
+                    supervised_tokens=supervised, truncated=packer_state["truncated"],
+                    skipped=packer_state["skipped"], epoch=packer_state["epoch"])
+    print0(f"done: {step} steps, {packer_state['truncated']} conversations truncated to the row, "
+           f"{packer_state['skipped']} skipped (nothing to learn after truncation)")
+    report_section("Chat SFT", {"steps": step, "train conversations": len(train_set), "max seq len": seq_len,
+                                "total batch size": total_batch, "val bpb": val_bpb, **chat_scores,
+                                "truncated conversations": packer_state["truncated"],
+                                "skipped conversations": packer_state["skipped"]}, column="SFT")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main(parse_args())

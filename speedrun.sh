@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Train your own small ChatGPT from a fresh clone, end to end, with one command:
+#   data -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> RL -> chat eval -> report
+#
+#   bash speedrun.sh                                  preset picked from the hardware (printed first)
+#   PRESET=cpu bash speedrun.sh                       gpu8 | gpu | cpu | micro
+#   DEPTH=20 NPROC=4 bash speedrun.sh                 override the model depth / number of GPU processes
+#   NANOCHAT_MIRROR=/path/to/data bash speedrun.sh    offline: a directory or URL laid out like shared/data
+#   NANOCHAT_BASE_DIR=/big/disk bash speedrun.sh      where data, checkpoints and the report go
+#   NO_VENV=1 bash speedrun.sh                        use the current python instead of creating .venv
+#
+# Presets: gpu8 = the GPT-2-grade recipe on 8 GPUs (d24, ratio 8, device batch 16, 1M-token batches;
+# CORE target 0.256525); gpu = the same model on fewer GPUs (gradient accumulation, device batch auto);
+# cpu = a demo whose whole pipeline takes <= 20 min on 2 cores (it babbles, but you can chat with it);
+# micro = a few-minute smoke test (CI).
+# Each stage's log is $NANOCHAT_BASE_DIR/speedrun/<stage>.log; a finished stage leaves <stage>.done there,
+# so re-running after a failure resumes at the failed stage. Remove that folder to start over.
+set -euo pipefail
+cd "$(dirname "$0")"
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+SR="$NANOCHAT_BASE_DIR/speedrun"
+mkdir -p "$SR"
+say() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
+
+# ---- python environment: the active one, or .venv with requirements.txt --------------------------
+USE_VENV=0
+if [ -z "${VIRTUAL_ENV:-}" ] && [ "${NO_VENV:-0}" != 1 ]; then
+  USE_VENV=1
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  source .venv/bin/activate
+  # on GPU machines set TORCH_INDEX_URL to the CUDA wheel index that matches your driver (see README)
+  if ! cmp -s requirements.txt .venv/requirements.installed; then
+    pip install -q -r requirements.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+    cp requirements.txt .venv/requirements.installed
+  fi
+fi
+PY="${PYTHON:-python3}"
+
+# ---- preset from the hardware ----------------------------------------------------------------------
+HW=$($PY -c "import torch; print(torch.cuda.device_count(), int(torch.backends.mps.is_available()))")
+read -r NGPU HAS_MPS <<< "$HW"
+if [ -z "${PRESET:-}" ]; then
+  if [ "$NGPU" -ge 8 ]; then PRESET=gpu8; elif [ "$NGPU" -ge 1 ]; then PRESET=gpu; else PRESET=cpu; fi
+fi
+NPROC="${NPROC:-$(( NGPU > 0 ? NGPU : 1 ))}"
+case "$PRESET" in
+  gpu8|gpu)
+    export OMP_NUM_THREADS=1
+    DEPTH="${DEPTH:-24}"; SHARDS=170
+    [ "$PRESET" = gpu8 ] && BATCH=16 || BATCH=auto
+    TOK="--vocab-size 32768 --max-chars 2000000000"
+    PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576"
+    BASE_EVAL=""; SFT=""; RL=""; CHAT_EVAL="" ;;
+  cpu)
+    DEPTH="${DEPTH:-4}"; SHARDS=4
+    TOK="--vocab-size 4096 --max-chars 20000000"
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600"
+    BASE_EVAL="--max-per-task 16 --split-tokens 65536"
+    SFT="--num-iterations 100"; RL="--num-steps 5 --num-samples 4 --max-new-tokens 64"
+    CHAT_EVAL="--max-problems 16 --max-new-tokens 64" ;;
+  micro)
+    DEPTH="${DEPTH:-2}"; SHARDS=1
+    TOK="--vocab-size 512 --max-chars 2000000"
+    PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20"
+    BASE_EVAL="--max-per-task 2 --split-tokens 4096"
+    SFT="--num-iterations 10"; RL="--num-steps 2 --num-samples 2 --max-new-tokens 16"
+    CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;
+  *) echo "speedrun: unknown PRESET=$PRESET; use gpu8, gpu, cpu or micro" >&2; exit 1 ;;
+esac
+if [ "$NPROC" -gt 1 ]; then LAUNCH="torchrun --standalone --nproc_per_node=$NPROC"; else LAUNCH="$PY"; fi
+say "preset $PRESET: depth $DEPTH, $NPROC process(es), $NGPU GPU(s), mps=$HAS_MPS; base dir $NANOCHAT_BASE_DIR"
+# stamps from another preset would skip stages that do not match this run
+CONFIG="$PRESET depth=$DEPTH nproc=$NPROC"
+if [ -f "$SR/config" ] && [ "$(cat "$SR/config")" != "$CONFIG" ]; then
+  echo "speedrun: $SR holds a run with '$(cat "$SR/config")'; rerun with those settings or remove $SR to start over" >&2
+  exit 1
+fi
+echo "$CONFIG" > "$SR/config"
+[ -f "$SR/started" ] || date "+%Y-%m-%d %H:%M:%S" > "$SR/started"
+
+# run_stage NAME COMMAND...: skip if stamped, else run it with its output tee'd to NAME.log and stamp it
+# with its wall time in seconds; stop the whole run at the first failure.
+run_stage() {
+  local name="$1" t0=$SECONDS; shift
+  if [ -f "$SR/$name.done" ]; then say "$name: done earlier, skipping"; return 0; fi
+  say "$name: $*"
+  if ! "$@" 2>&1 | tee "$SR/$name.log"; then
+    echo "speedrun: stage '$name' failed; log: $SR/$name.log (re-run to resume from this stage)" >&2
+    exit 1
+  fi
+  echo $(( SECONDS - t0 )) > "$SR/$name.done"
+}
+
+# ---- data and tokenizer: the tokenizer fetches its shards, the rest download in the background meanwhile --
+if [ ! -f "$SR/tokenizer.done" ] && [ -z "${NANOCHAT_MIRROR:-}" ] \
+   && ! $PY -c "import requests; requests.head('https://huggingface.co', timeout=5)" 2>/dev/null; then
+  echo "speedrun: download failed: huggingface.co is unreachable; offline? set NANOCHAT_MIRROR=<directory or URL laid out like shared/data>" >&2
+  exit 1
+fi
+run_stage tokenizer $PY train_tokenizer.py $TOK --prefetch-shards "$SHARDS"
+
+# ---- the model -------------------------------------------------------------------------------------------
+run_stage pretrain $LAUNCH pretrain.py $PRETRAIN
+run_stage base_eval $LAUNCH evaluate.py --stage base $BASE_EVAL
+run_stage sft $LAUNCH sft.py $SFT
+run_stage sft_eval $LAUNCH evaluate.py --stage sft $CHAT_EVAL
+run_stage rl $LAUNCH rl.py $RL
+run_stage rl_eval $LAUNCH evaluate.py --stage rl $CHAT_EVAL
+run_stage report $PY -c "import common; print('report card:', common.generate_report())"
+
+total=0; for f in "$SR"/*.done; do total=$(( total + $(cat "$f") )); done
+say "all stages done in $(( total / 60 )) min $(( total % 60 )) s; report.md and report_curves.svg are in $(pwd)"
+[ "$USE_VENV" = 1 ] && echo "first: source .venv/bin/activate"
+echo "chat in the terminal:  python chat.py"
+echo "chat in the browser:   python serve.py   (then open the address it prints)"

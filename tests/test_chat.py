@@ -1,0 +1,87 @@
+"""chat.py end to end: a tiny checkpoint in a temporary base dir, chat.py run as a subprocess with -p and
+with commands piped into stdin; plus Ctrl-C during a reply and the no-checkpoint message."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+import chat
+from common import Engine, build_chat_prompt, checkpoint_dir, display_text, save_checkpoint
+from test_engine import make_model, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_TOKENS = 40
+
+
+@pytest.fixture
+def tiny_checkpoint(base_dir):
+    """Save a tokenizer and an SFT checkpoint; returns an in-process Engine over the same weights."""
+    tok = make_tokenizer()
+    tok.save(str(base_dir / "tokenizer"))
+    model = make_model(tok.get_vocab_size())
+    meta = {"model_config": dataclasses.asdict(model.config), "step": 5}
+    save_checkpoint(checkpoint_dir("sft", "d2"), 5, model.state_dict(), None, meta)
+    return Engine(model, tok)
+
+
+def expected_reply(engine, messages, max_tokens=MAX_TOKENS):
+    prompt, _ = build_chat_prompt(engine.tokenizer, messages, engine.model.config.sequence_len, max_tokens)
+    (sequence,), _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return display_text(engine.tokenizer, sequence[len(prompt):])
+
+
+def run_chat(*args, stdin=""):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--device-type", "cpu", *args],
+                          input=stdin, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+
+
+def test_prompt_mode_answers_and_exits(tiny_checkpoint):
+    result = run_chat("-p", "hello world", "--temperature", "0", "--max-tokens", str(MAX_TOKENS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_reply(tiny_checkpoint, [{"role": "user", "content": "hello world"}]) + "\n"
+
+
+def test_interactive_commands_through_a_pipe(tiny_checkpoint):
+    stdin = "/temperature 0\nhello world\n/topk 5\n\n/bogus\n/clear\nthe fox\nquit\nnever read\n"
+    result = run_chat("--max-tokens", str(MAX_TOKENS), stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "(temperature 0.0)" in out and "(top-k 5)" in out and "(new conversation)" in out
+    assert "/temperature v" in out.split("(top-k 5)")[1]  # an unknown command shows the help
+    first = expected_reply(tiny_checkpoint, [{"role": "user", "content": "hello world"}])
+    after_clear = expected_reply(tiny_checkpoint, [{"role": "user", "content": "the fox"}])  # no history
+    assert f"Assistant: {first}\n" in out and f"Assistant: {after_clear}\n" in out
+    assert out.count("Assistant: ") == 2  # stopped at "quit"
+
+
+def test_long_conversation_forgets_oldest_turns(tiny_checkpoint):
+    # context 128, 100 reserved for the reply: the second turn cannot keep the first one
+    result = run_chat("--max-tokens", "100", "-t", "0", stdin="hello world\nthe fox\n")
+    assert result.returncode == 0, result.stderr
+    assert "forgot the 1 oldest turn(s)" in result.stderr
+    too_long = run_chat("--max-tokens", "100", "-p", "the quick brown fox " * 20)
+    assert too_long.returncode == 1 and "too long" in too_long.stderr
+
+
+def test_missing_checkpoint_names_the_fix(base_dir):
+    result = run_chat("-p", "hi")
+    assert result.returncode != 0 and "sft.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_only_the_reply(capsys):
+    tok = make_tokenizer()
+
+    class InterruptedEngine:
+        tokenizer, stop_tokens = tok, {tok.get_bos_token_id()}
+
+        def generate(self, *args, **kwargs):
+            for token in tok.encode("the quick"):
+                yield [token], [1]
+            raise KeyboardInterrupt
+
+    tokens = chat.stream_reply(InterruptedEngine(), [0], {"max_tokens": 10, "temperature": 0.0, "top_k": 0}, 0)
+    assert tokens == tok.encode("the quick")
+    assert capsys.readouterr().out == "the quick [stopped]\n"

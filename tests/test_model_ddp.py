@@ -1,0 +1,75 @@
+"""Distributed MuonAdamW on the CPU: torchrun with 2 gloo ranks, each with half the batch, must end with the same
+weights as one process with the whole batch (the optimizer's ZeRO-2 path averages the gradients itself)."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRAIN = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    import model
+
+    def train(rows, steps=3):
+        torch.manual_seed(42)
+        # 3 layers: odd Muon group sizes (padding), vocab 100 -> 128 rows (sharded AdamW), small scalars (all-reduce)
+        config = model.GPTConfig(sequence_len=32, vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=32)
+        gpt = model.build_gpt(config, torch.device("cpu"))
+        with torch.no_grad():  # no zero-initialized projections: their exact-zero gradients would make the
+            for p in gpt.parameters():  # scalars' first Adam steps amplify rounding noise (eps 1e-10)
+                p.add_(torch.rand(p.shape) * 0.1 - 0.05)
+        optimizer = gpt.setup_optimizer(weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            x = torch.randint(0, 100, (4, 16), generator=gen)
+            loss = gpt(x[rows], torch.roll(x, -1, dims=1)[rows])
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * (1.0 - 0.2 * step)
+            optimizer.step()
+            gpt.zero_grad(set_to_none=True)
+        return gpt.state_dict()
+
+    if __name__ == "__main__":
+        if "RANK" in os.environ:
+            dist.init_process_group("gloo")
+            rank = dist.get_rank()
+            state = train(slice(2 * rank, 2 * rank + 2))
+            torch.save(state, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+            dist.destroy_process_group()
+        else:
+            torch.save(train(slice(0, 4)), os.path.join(sys.argv[1], "single.pt"))
+            torch.save(train(slice(0, 4), steps=0), os.path.join(sys.argv[1], "initial.pt"))
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process_with_whole_batch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("NANOCHAT_DTYPE", None)
+    single = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    _, err = single.communicate(timeout=180)
+    assert single.returncode == 0, err
+    reference = torch.load(tmp_path / "single.pt")
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name, value in reference.items():
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=f"ranks differ in {name}")
+        torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5, msg=f"DDP != single in {name}")
+    initial = torch.load(tmp_path / "initial.pt")
+    assert all(not torch.equal(initial[name], value) for name, value in reference.items())  # all were trained
