@@ -3,10 +3,114 @@
     python bench.py train --depth 6 --seq-len 512 --device-batch-size 32
     python bench.py decode --depth 6
     python bench.py tokenize
+    python bench.py serve --depth 6
 """
 import argparse
 
 # ---- train (owner: model work) ----
+import resource
+import statistics
+import time
+
+import torch
+
+import common
+import model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_ceiling(device, dtype, n=2048, repeats=5):
+    """GFLOP/s of the best of a few n x n matmuls in `dtype`: what this machine's matmul units deliver at best,
+    the ceiling a training step's achieved GFLOP/s is compared with."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up (thread pool, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def bench_train(args):
+    """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch."""
+    device = torch.device(args.device_type or common.autodetect_device_type())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(42)
+    config = model.config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
+                                    vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+    gpt = model.build_gpt(config, device)
+    gpt.chunked_loss = not args.no_chunked_loss
+    optimizer = gpt.setup_optimizer()
+    step_model = torch.compile(gpt, dynamic=False) if args.compile else gpt
+    B, T = args.device_batch_size, args.seq_len
+    x = torch.randint(0, args.vocab_size, (B, T), device=device)
+    y = torch.roll(x, -1, dims=1)
+    flops_per_token = gpt.estimate_flops()
+    print(f"model: depth {args.depth}, n_embd {config.n_embd}, {config.n_head} heads of {args.head_dim}, seq {T}, "
+          f"vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} params, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
+          f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
+          f"chunked loss {gpt.chunked_loss}")
+
+    def step():
+        """One training step; returns (forward+backward seconds, optimizer seconds)."""
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step_model(x, y)
+        loss.backward()
+        sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        gpt.zero_grad(set_to_none=True)
+        sync(device)
+        return t1 - t0, time.perf_counter() - t1, loss.item()
+
+    for i in range(args.warmup):
+        fb, opt, loss = step()
+        print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), loss {loss:.3f}")
+    times = []
+    for i in range(args.steps):
+        fb, opt, loss = step()
+        times.append((fb + opt, fb, opt))
+        print(f"step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), loss {loss:.3f}")
+    dt, fb, opt = (statistics.median(t[i] for t in times) for i in range(3))
+    tok_s = B * T / dt
+    achieved = flops_per_token * tok_s / 1e9
+    ceiling = matmul_ceiling(device, model.COMPUTE_DTYPE)
+    peak = common.get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    mfu = f", MFU {100 * achieved * 1e9 / peak:.1f}%" if peak != float("inf") else ""
+    if device.type == "cuda":
+        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated on the GPU"
+    else:
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB max RSS"
+    print(f"median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s) over {len(times)} steps: "
+          f"{tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul ceiling {ceiling:.1f} GFLOP/s "
+          f"({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it; peak memory {memory}")
+
+
+def add_train_parser(sub):
+    p = sub.add_parser("train", help="training tokens/s, GFLOP/s vs the matmul ceiling, MFU, peak memory")
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--window-pattern", default="L")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (as pretrain.py --compile)")
+    p.add_argument("--no-chunked-loss", action="store_true", help="materialize the full logits (the reference way)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device-type", default="")
+    p.set_defaults(func=bench_train)
 
 # ---- decode (owner: model work, then engine work) ----
 import statistics
@@ -108,10 +212,12 @@ def add_decode_parser(sub):
 
 
 # ---- tokenize (owner: tokenizer work) ----
+import glob
 import os
 import time
 
 import pyarrow.parquet as pq
+import rustbpe
 
 import common
 
@@ -124,7 +230,8 @@ def shard_docs(path, doc_cap=None):
 def bench_tokenize(args):
     """Tokenizer training time per vocab size on the local shards (fetched through NANOCHAT_MIRROR when
     missing), then batch-encoding throughput of the val shard with the last tokenizer trained."""
-    common.download_shards(-1)
+    if len(glob.glob(os.path.join(common.pretrain_data_dir(), "*.parquet"))) < 2:
+        common.download_shards(-1)
     train_files, (val_file,) = common.split_files("train"), common.split_files("val")
     docs, chars = [], 0
     for path in train_files:
@@ -135,9 +242,12 @@ def bench_tokenize(args):
             chars += len(doc)
     print(f"training text: {len(docs):,} docs, {chars / 1e6:.1f}M chars from {len(train_files)} shards; {os.cpu_count()} cores")
     for vocab_size in args.vocab_sizes:
+        # baseline: the bare rustbpe call the reference makes, on the same text, right before ours
         t0 = time.time()
+        rustbpe.Tokenizer().train_from_iterator(iter(docs), vocab_size - len(common.SPECIAL_TOKENS), pattern=common.SPLIT_PATTERN)
+        t1 = time.time()
         tokenizer = common.Tokenizer.train(iter(docs), vocab_size)
-        print(f"train vocab {vocab_size:>6}: {time.time() - t0:6.2f} s")
+        print(f"train vocab {vocab_size:>6}: {time.time() - t1:6.2f} s  (bare rustbpe call: {t1 - t0:.2f} s)")
     val_docs = shard_docs(val_file)
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
     for threads in sorted({1, args.threads}):
@@ -160,12 +270,110 @@ def add_tokenize_parser(sub):
     p.set_defaults(func=bench_tokenize)
 
 
+# ---- serve (owner: SERVE) ----
+import http.client
+import json
+import threading
+
+
+def first_token_seconds(port, path, body):
+    """Seconds from sending a streaming chat request to the first event that carries reply text."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response, first = conn.getresponse(), None
+    assert response.status == 200, response.read()
+    for line in response:  # read to the end: the next request then finds the replica free
+        if first is None and line.startswith(b"data: {"):
+            event = json.loads(line[6:])
+            if event.get("token") or any(c["delta"].get("content") for c in event.get("choices", [])):
+                first = time.perf_counter() - start
+    conn.close()
+    return first
+
+
+def bench_serve(args):
+    """Time to first token through serve.py (in-process, 127.0.0.1, one replica) for both streaming protocols,
+    next to the engine's own time to first token, so the HTTP layer's share is visible. --clients N sends N
+    requests at once: all but the first wait for the replica, as they would on a busy server."""
+    import serve
+    if args.stage:
+        model, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
+    else:
+        model, tokenizer, _ = decode_setup(args)
+    replica = serve.Replica(0, model, tokenizer)
+    server = serve.make_server([replica], "127.0.0.1", 0, max_tokens=args.decode_tokens)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    text = "hello" * max(1, args.prompt_tokens // len(tokenizer.encode(" hello")))  # ~--prompt-tokens tokens
+    messages = [{"role": "user", "content": text.replace("hello", " hello")[:serve.MAX_MESSAGE_CHARS]}]
+    prompt, _ = common.build_chat_prompt(tokenizer, messages, model.config.sequence_len, args.decode_tokens)
+    print(f"model: {model.config}; device {replica.device}, {torch.get_num_threads()} threads; prompt {len(prompt)} "
+          f"tokens; replies of {args.decode_tokens} tokens; {args.clients} client(s) at once; median of {args.repeats}")
+
+    def engine_first_token():  # in a fresh thread, like a request handler (torch's CPU threading differs)
+        times = []
+
+        def run():
+            start = time.perf_counter()
+            next(iter(replica.engine.generate(prompt, 1, args.decode_tokens, temperature=0.8, top_k=50)))
+            times.append(time.perf_counter() - start)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return times[0]
+
+    body = {"messages": messages, "stream": True}
+    runs = {"engine, no HTTP": engine_first_token,
+            "POST /chat/completions": lambda: first_token_seconds(port, "/chat/completions", body),
+            "POST /v1/chat/completions": lambda: first_token_seconds(port, "/v1/chat/completions", body)}
+    for run in runs.values():
+        run()  # warm-up
+    results = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():  # interleaved, so load changes hit every variant alike
+            if args.clients == 1 or name.startswith("engine"):
+                results[name].append(run())
+                continue
+            times = []
+            threads = [threading.Thread(target=lambda: times.append(run())) for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[name] += times
+    for name, times in results.items():
+        times.sort()
+        print(f"{name:>26}: time to first token {statistics.median(times) * 1000:8.1f} ms median "
+              f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f})")
+    server.shutdown()
+    server.server_close()
+
+
+def add_serve_parser(sub):
+    p = sub.add_parser("serve", help="time to first token through serve.py (defaults: the CPU demo model)")
+    p.add_argument("--stage", default="", help="serve a saved checkpoint (base|sft|rl) instead of random weights")
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--window-pattern", default="L")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device-type", default="")
+    p.set_defaults(func=bench_serve)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     # each section registers its subcommand here
+    add_train_parser(sub)
     add_decode_parser(sub)
     add_tokenize_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args()
     args.func(args)
 

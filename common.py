@@ -26,6 +26,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -219,14 +220,11 @@ class Tokenizer:
             with open(path) as f:
                 payload = json.load(f)
             ranks = {base64.b64decode(t): i for i, t in enumerate(payload["mergeable_ranks"])}
-            specials = sorted(payload["special_tokens"], key=payload["special_tokens"].get) \
-                if isinstance(payload["special_tokens"], dict) else payload["special_tokens"]
-            return cls.from_ranks(ranks, payload["pattern"], specials)
+            return cls.from_ranks(ranks, payload["pattern"], payload["special_tokens"])
         pkl = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if os.path.exists(pkl):
             # the reference's format: a pickled tiktoken.Encoding. Unpickling runs code from the
             # file, so only load a tokenizer.pkl you made yourself or got from a source you trust.
-            import pickle
             with open(pkl, "rb") as f:
                 return cls(pickle.load(f))
         raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
@@ -389,6 +387,14 @@ def progress_line(desc, done, total, t0):
     return f"{desc}  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
 
 
+def print_progress(line, final=False):
+    """Rewrite one status line on a terminal; in a log file, one line per update."""
+    if sys.stdout.isatty():
+        print0("\r" + line, end="\n" if final else "")
+    else:
+        print0(line)
+
+
 class RetryableError(Exception):
     pass
 
@@ -412,8 +418,9 @@ def _fetch_once(url, tmp, desc):
             if r.status_code in (408, 429) or r.status_code >= 500:
                 raise RetryableError(f"HTTP {r.status_code}")
             if r.status_code >= 400:  # 404 and friends: retrying cannot help
-                raise NanochatError(f"could not download {url}: HTTP {r.status_code} {r.reason}. "
-                                    + ("Check the URL or the mirror's layout" if os.environ.get("NANOCHAT_MIRROR") else MIRROR_HINT))
+                where = ("check that NANOCHAT_MIRROR is laid out like shared/data" if os.environ.get("NANOCHAT_MIRROR")
+                         else "the file has moved upstream? Point NANOCHAT_MIRROR at a copy laid out like shared/data")
+                raise NanochatError(f"could not download {url}: HTTP {r.status_code} {r.reason}; {where}")
             # Content-Length counts bytes on the wire: only comparable when the body is not re-encoded
             expected = None if r.headers.get("Content-Encoding") else r.headers.get("Content-Length")
             expected = int(expected) if expected is not None else None
@@ -423,10 +430,10 @@ def _fetch_once(url, tmp, desc):
                     f.write(chunk)
                     done += len(chunk)
                     if desc and time.time() - last_print > 1.0:
-                        print0("\r" + progress_line(desc, done, expected, t0), end="")
+                        print_progress(progress_line(desc, done, expected, t0))
                         last_print = time.time()
             if desc and last_print:
-                print0()
+                print_progress(progress_line(desc, done, expected, t0), final=True)
     except requests.RequestException as e:  # refused, reset, timeout, body cut short
         inner = getattr(e.args[0], "reason", None) if e.args else None
         no_connection = type(inner).__name__ in ("NameResolutionError", "NewConnectionError", "ProxyError")
@@ -486,22 +493,30 @@ def shard_path(index):
 
 def num_source_shards():
     """How many shards the source holds (the last is validation): 6543 on the hub; for a mirror,
-    counted in its directory or found by probing the URL with HEAD requests (shards are numbered 0..n-1)."""
+    counted in its directory or found by probing the URL (shards are numbered 0..n-1)."""
     mirror = os.environ.get("NANOCHAT_MIRROR")
     if not mirror:
         return NUM_SOURCE_SHARDS
     first = source_for(SHARD_URL.format(0), "pretrain/shard_00000.parquet")
     if not is_url(first):
-        return len(glob.glob(os.path.join(os.path.dirname(first), "shard_*.parquet")))
+        total = len(glob.glob(os.path.join(os.path.dirname(first), "shard_*.parquet")))
+    else:
+        total = _probe_shard_count(mirror)
+    if total < 2:
+        raise NanochatError(f"NANOCHAT_MIRROR={mirror} has {total} shards in pretrain/ (shard_00000.parquet, ...); "
+                            "need at least 2, train + validation")
+    return total
 
+
+def _probe_shard_count(mirror):
     def exists(i):
         try:
             return requests.head(source_for("", f"pretrain/shard_{i:05d}.parquet"), timeout=15).ok
         except requests.RequestException as e:
-            raise NanochatError(f"could not reach mirror {mirror}: {e}. {MIRROR_HINT}") from e
+            raise NanochatError(f"could not reach NANOCHAT_MIRROR={mirror}: {short_reason(e)}") from e
     if not exists(0):
         return 0
-    lo, hi = 0, 1  # exists(lo) is true; grow hi until it is missing, then bisect
+    lo, hi = 0, 1  # HEAD requests: exists(lo) holds; double hi until it fails, then bisect
     while exists(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
@@ -520,26 +535,33 @@ def download_shards(num_train_shards, num_workers=4, background=False):
     last), in parallel threads. -1 means all. With background=True returns a Future at once
     (its .result() waits and re-raises any error): the speedrun fetches data while the tokenizer trains."""
     if background:
-        executor = concurrent.futures.ThreadPoolExecutor(1)
-        future = executor.submit(download_shards, num_train_shards, num_workers)
-        executor.shutdown(wait=False)
+        # a daemon thread: if the main work fails, the process exits without waiting for the downloads
+        future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(download_shards(num_train_shards, num_workers))
+            except BaseException as e:  # NanochatError is a SystemExit: hand it to .result() too
+                future.set_exception(e)
+        threading.Thread(target=run, daemon=True).start()
         return future
     total = num_source_shards()
-    if total < 2:
-        raise NanochatError(f"the data source has {total} shards, need at least 2 (train + validation)")
     num_train = total - 1 if num_train_shards < 0 else min(num_train_shards, total - 1)
     if num_train < num_train_shards:
         print0(f"the source has only {total - 1} training shards; downloading those")
     indices = [total - 1] + list(range(num_train))
     todo = [i for i in indices if not os.path.exists(shard_path(i))]
     t0, done_bytes = time.time(), 0
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers)
+    try:
         futures = [pool.submit(download_shard, i) for i in todo]
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             done_bytes += os.path.getsize(future.result())
             eta = (time.time() - t0) / n * (len(todo) - n)
-            print0(f"\rshards {n}/{len(todo)}  {done_bytes / 1e6:.0f} MB  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
-                   end="\n" if n == len(todo) else "")
+            print_progress(f"shards {n}/{len(todo)}  {done_bytes / 1e6:.0f} MB  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+                           final=n == len(todo))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, do not start the thousands still queued
     return [shard_path(i) for i in indices]
 
 
@@ -627,7 +649,8 @@ def find_last_step(ckpt_dir):
 
 def find_last_tag(stage_dir):
     """The tag whose newest checkpoint was written most recently (the reference guesses the largest depth)."""
-    tags = [(max(steps), tag) for tag in sorted(os.listdir(stage_dir)) if (steps := _saved_steps(os.path.join(stage_dir, tag)))]
+    tags = [(max(steps), tag) for tag in sorted(os.listdir(stage_dir) if os.path.isdir(stage_dir) else [])
+            if (steps := _saved_steps(os.path.join(stage_dir, tag)))]
     if not tags:
         raise NanochatError(f"no checkpoints in {stage_dir}")
     return max(tags)[1]
@@ -638,7 +661,7 @@ def _torch_load(path, device):
         raise NanochatError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise NanochatError(f"checkpoint file {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
                             "delete that step to fall back to an earlier one") from e
 
@@ -704,9 +727,9 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
 # (owner: pretraining work)
 # Every row of a batch starts with BOS and is filled, without padding, by best fit: the largest buffered
 # document that fits whole, else the shortest one cropped to the space left (§7.2). The documents come
-# from "streams": stream s of S reads row groups s, s+S, s+2S, ... of every shard. pretrain.py gives each
-# (rank, micro-step) pair its own stream, so a step sees the same data whatever the split between GPUs
-# and gradient accumulation. Reading, tokenizing and packing run in a background thread; each batch
+# from "streams": stream s of S reads row groups s, s+S, s+2S, ... (numbered across shards). pretrain.py
+# gives each (rank, micro-step) pair its own stream, so a step sees the same data whatever the split
+# between GPUs and gradient accumulation. Reading, tokenizing and packing run in a background thread; each batch
 # carries a small state (next unread position + the buffered documents' positions) from which the very
 # same batch is rebuilt, so a resumed run continues bit for bit.
 
@@ -723,8 +746,9 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 
 
 def iter_doc_batches(files, stream, num_streams, start=None, batch_docs=128):
-    """Forever yields (position, texts): up to batch_docs documents of one row group. A position is
-    (epoch, pq_idx, rg_idx, offset); `start` is where to begin (default: the stream's first row group)."""
+    """Forever yields (position, texts): up to batch_docs documents of one row group. Counting row groups
+    across the files, stream s reads numbers s, s+S, s+2S, ... A position is (epoch, pq_idx, rg_idx, offset);
+    `start` is where to begin (default: the stream's first row group)."""
     epoch, pq_idx, rg_idx, offset = start or (1, 0, stream, 0)
     first_pass = True
     while True:
@@ -737,11 +761,12 @@ def iter_doc_batches(files, stream, num_streams, start=None, batch_docs=128):
                     found = True
                     yield (epoch, pq_idx, rg_idx, off), texts[off:off + batch_docs]
                 rg_idx, offset = rg_idx + num_streams, 0
-            pq_idx, rg_idx = pq_idx + 1, stream
+            # carry over: row groups are numbered across files, so more streams than a file has still works
+            pq_idx, rg_idx = pq_idx + 1, rg_idx - parquet.num_row_groups
         if not found and not first_pass:
-            raise NanochatError(f"data stream {stream} of {num_streams} has no documents: there are fewer row "
-                                f"groups than streams in {files[0]}...; use fewer GPUs or a smaller total batch")
-        epoch, pq_idx, first_pass = epoch + 1, 0, False
+            raise NanochatError(f"data stream {stream} of {num_streams} has no documents: the {len(files)} file(s) "
+                                "hold fewer row groups than streams; use fewer GPUs or a smaller total batch")
+        epoch, pq_idx, rg_idx, first_pass = epoch + 1, 0, stream, False
 
 
 def read_docs(files, keys):
@@ -790,9 +815,9 @@ def pack_batches(tokenizer, B, T, files, stream, num_streams, state=None, buffer
         yield rows, batch_state
 
 
-def _producer(out, stop, args, kwargs, pin):
+def _producer(out, stop, args, pin):
     try:
-        for rows, state in pack_batches(*args, **kwargs):
+        for rows, state in pack_batches(*args):
             both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # inputs, targets: contiguous
             item = (both.pin_memory() if pin else both, state)
             while not stop.is_set():
@@ -815,7 +840,7 @@ def bestfit_batches(tokenizer, B, T, split, device="cpu", stream=0, num_streams=
     device = torch.device(device)
     out, stop = queue.Queue(maxsize=prefetch), threading.Event()
     args = (tokenizer, B, T, files, stream, num_streams, state, buffer_size, tokenizer_threads)
-    threading.Thread(target=_producer, args=(out, stop, args, {}, device.type == "cuda"), daemon=True).start()
+    threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True).start()
     try:
         while True:
             item = out.get()
@@ -1778,7 +1803,7 @@ def write_text_atomic(path, text):
 
 def format_value(value):
     if isinstance(value, float):
-        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
+        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
         return f"{value:,}"
     return str(value)
@@ -1841,6 +1866,13 @@ def find_metrics_files(base_dir):
     for depth in range(1, 4):
         found += glob.glob(os.path.join(base_dir, *["*"] * depth, "metrics.jsonl"))
     return sorted(found)
+
+
+def metrics_label(path, base_dir):
+    """'base d12' for <base>/base_checkpoints/d12/metrics.jsonl; other places keep their relative folder."""
+    family, _, tag = os.path.relpath(os.path.dirname(path), base_dir).partition(os.sep)
+    stage = {folder: name for name, folder in CHECKPOINT_DIRS.items()}.get(family, family)
+    return f"{stage} {tag}".strip()
 
 
 def curves_svg(runs):
@@ -1949,7 +1981,7 @@ def generate_report(copy_to="."):
     hardware, hourly = hardware_summary()
     times = stage_times(base)
     total_s = sum(seconds for _, seconds in times)
-    runs = [(os.path.relpath(os.path.dirname(p), base), read_metrics(p)) for p in find_metrics_files(base)]
+    runs = [(metrics_label(p, base), read_metrics(p)) for p in find_metrics_files(base)]
     write_text_atomic(os.path.join(out_dir, "report_curves.svg"), curves_svg(runs))
     started = os.path.join(base, "speedrun", "started")  # written by speedrun.sh on its first run
     if os.path.exists(started):

@@ -155,9 +155,11 @@ def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
     correct = torch.zeros(len(data), dtype=torch.float32, device=model.get_device())
     for idx in range(rank, len(data), world_size):
         others = [i for i in range(len(data)) if i != idx]
-        shots = [data[i] for i in random.Random(1234 + idx).sample(others, num_shots)] if num_shots else []
+        shots = [data[i] for i in random.Random(1234 + idx).sample(others, min(num_shots, len(others)))]
         token_lists = tokenizer.encode(render(data[idx], delim, shots), prepend=bos)
         spans = continuation_spans(task_type, token_lists)
+        if task_type == "language_modeling":
+            token_lists = token_lists[1:]  # only the full prompt is scored
         cut = [max(0, len(t) - max_len) for t in token_lists]
         token_lists = [t[c:] for t, c in zip(token_lists, cut)]
         spans = [(s - c, e - c) for (s, e), c in zip(spans, cut)]
@@ -170,7 +172,12 @@ def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
 def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_size=1):
     """CORE: mean over tasks of accuracy centered on the random baseline. Tasks whose data file is missing
     are skipped and named; the result is then marked partial. Returns a dict (results, centered, core...)."""
-    bundle = bundle or ensure_eval_bundle()
+    if bundle is None:
+        if rank == 0:  # one download; the other ranks wait for it
+            ensure_eval_bundle()
+        if world_size > 1:
+            dist.barrier()
+        bundle = ensure_eval_bundle()
     with open(os.path.join(bundle, "core.yaml")) as f:
         tasks = parse_core_yaml(f.read())
     with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
@@ -240,10 +247,6 @@ def run_base_eval(args):
             print0(f"{split} bpb: {evaluate_bpb(model, batches, steps, token_bytes):.6f}")
             batches.close()
     if "core" in evals:
-        if rank == 0:
-            ensure_eval_bundle()
-        if ddp:
-            dist.barrier()
         core = evaluate_core(model, tokenizer, args.max_per_task, rank=rank, world_size=world_size)
         note = f" (partial: {len(core['results'])} of {len(core['results']) + len(core['missing'])} tasks, " \
                f"missing {', '.join(core['missing'])})" if core["partial"] else ""

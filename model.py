@@ -519,6 +519,10 @@ class KVCache:
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer: AdamW for embeddings/scalars, Muon for the block matrices, ZeRO-2 sharding under torch.distributed
 
+# torch >= 2.13 renamed the single-tensor collectives (the old names warn); older versions have only the old ones
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -601,7 +605,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if sharded:  # this rank owns rows [rank*s, (rank+1)*s)
             s = p.size(0) // world
             grad = torch.empty_like(p[:s])
-            work = dist.reduce_scatter_tensor(grad, p.grad, op=dist.ReduceOp.SUM, async_op=True)
+            work = reduce_scatter(grad, p.grad, op=dist.ReduceOp.SUM, async_op=True)
             target = p[rank * s:(rank + 1) * s]
         elif world > 1:
             grad = p.grad.clone()
@@ -624,7 +628,7 @@ class MuonAdamW(torch.optim.Optimizer):
                          group["betas"], group["eps"], group["weight_decay"])
             if not sharded:
                 return None
-            gather = dist.all_gather_into_tensor(p, target.clone(), async_op=True)
+            gather = all_gather(p, target.clone(), async_op=True)
             return gather.wait
         return update
 
@@ -640,7 +644,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if chunk * world > K:
                 grads = torch.cat([grads, grads.new_zeros((chunk * world - K, *grads.shape[1:]))])
             own_grads = grads.new_empty((chunk, *grads.shape[1:]))
-            work = dist.reduce_scatter_tensor(own_grads, grads, op=dist.ReduceOp.SUM, async_op=True)
+            work = reduce_scatter(own_grads, grads, op=dist.ReduceOp.SUM, async_op=True)
         else:
             own_grads, work = grads, None
 
@@ -664,7 +668,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(params, list(stacked.unbind(0)))
                 return None
             gathered = stacked.new_empty((chunk * world, *stacked.shape[1:]))
-            gather = dist.all_gather_into_tensor(gathered, stacked, async_op=True)
+            gather = all_gather(gathered, stacked, async_op=True)
 
             def finish():
                 gather.wait()

@@ -93,12 +93,15 @@ def scaling_params(config):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
+def auto_total_batch(config, ref_config):
+    """Power Lines: the best batch grows as data^0.383; at a fixed tokens:params ratio data ∝ params."""
+    return 2 ** round(math.log2(B_REF * (scaling_params(config) / scaling_params(ref_config)) ** 0.383))
+
+
 def plan_run(args, config, ref_config, flops_per_token, device_batch_size, world_size):
     """Steps, batch, LR scale, weight decay and gradient accumulation, all derived from the depth."""
     params, params_ref = scaling_params(config), scaling_params(ref_config)
-    total_batch = args.total_batch_size
-    if total_batch <= 0:  # Power Lines: optimal batch grows as (data)^0.383; data ∝ params at a fixed ratio
-        total_batch = 2 ** round(math.log2(B_REF * (params / params_ref) ** 0.383))
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else auto_total_batch(config, ref_config)
     if args.num_iterations > 0:
         steps = args.num_iterations
     elif args.target_flops > 0:
@@ -145,6 +148,12 @@ def muon_momentum(it, N, warmdown_ratio):
 
 def muon_weight_decay(it, N, weight_decay):
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / N))
+
+
+def duration(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 60:.1f}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
 def find_device_batch_size(config, max_batch, device):
@@ -196,8 +205,7 @@ def main(argv=None):
     model = build_gpt(config, device)
     flops_per_token = model.estimate_flops()
     if args.device_batch_size == "auto":
-        total = args.total_batch_size if args.total_batch_size > 0 else \
-            plan_run(args, config, ref_config, flops_per_token, 1, 1)["total_batch"]
+        total = args.total_batch_size if args.total_batch_size > 0 else auto_total_batch(config, ref_config)
         model = None  # free it while probing
         device_batch_size = find_device_batch_size(config, total // (T * world_size), device)
         print0(f"--device-batch-size auto: {device_batch_size} sequences fit on {torch.cuda.get_device_name()}")
@@ -215,9 +223,10 @@ def main(argv=None):
         model = torch.compile(model, dynamic=False)
 
     counts = orig_model.num_scaling_params()
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.n_embd // config.n_head}, "
-           f"seq {T}, vocab {config.vocab_size}, windows {orig_model.window_sizes}")
-    print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f"; scaling {plan['scaling_params']:,}")
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of "
+           f"{config.n_embd // config.n_head}, seq {T}, vocab {config.vocab_size}, windows {orig_model.window_sizes}")
+    print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
+           f"; scaling {plan['scaling_params']:,}")
     print0(f"FLOPs/token {flops_per_token:.4e}; total batch {total_batch:,} tokens = {device_batch_size} seqs x {T} x "
            f"{world_size} ranks x {A} accumulation steps")
     print0(f"horizon: {N:,} steps, {N * total_batch:,} tokens (ratio {N * total_batch / plan['scaling_params']:.2f} "
@@ -288,8 +297,8 @@ def main(argv=None):
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}" + (" (partial)" if core["partial"] else ""))
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             for prompt in SAMPLE_PROMPTS:
-                ids = orig_model.generate(tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id()), 16, temperature=0)
-                print0(repr(prompt + tokenizer.decode(list(ids))))
+                prompt_ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                print0(repr(prompt + tokenizer.decode(list(orig_model.generate(prompt_ids, 16, temperature=0)))))
         if last_step or (step > resume_step and args.save_every > 0 and step % args.save_every == 0):
             states = [b[2] for b in batches]
             if ddp:
@@ -352,7 +361,7 @@ def main(argv=None):
         epoch, pq_idx, rg_idx, _ = batches[0][2]["next"]
         print0(f"step {step:05d}/{N:05d} ({100 * (step + 1) / N:.2f}%) | loss {debiased:.6f} | lrm {lrm:.2f} | "
                f"dt {dt * 1000:.2f}ms | tok/sec {tok_per_sec:,.0f}" + (f" | mfu {mfu:.2f}" if mfu > 0 else "") +
-               f" | epoch {epoch} pq {pq_idx} rg {rg_idx} | total time {total_time / 60:.2f}m | eta {eta / 60:.1f}m")
+               f" | epoch {epoch} pq {pq_idx} rg {rg_idx} | total time {total_time / 60:.2f}m | eta {duration(eta)}")
         record.update(loss=train_loss, smooth_loss=debiased, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec,
                       mfu=mfu if mfu > 0 else None, epoch=epoch)
         if master:

@@ -60,12 +60,16 @@ def sample_seed(*keys):
 
 
 def tool_use(tokenizer, sequences, masks, prompt_len):
-    """(calculator calls, calculator results): <|python_end|> the model wrote, <|output_start|> the engine forced."""
-    python_end, output_start = tokenizer.encode_special("<|python_end|>"), tokenizer.encode_special("<|output_start|>")
+    """(calculator calls, answered calls) in the samples: <|python_start|>...<|python_end|> blocks the
+    model wrote (the engine ran each), and <|output_start|> tokens the engine forced with a result."""
+    python_start, python_end, output_start = (tokenizer.encode_special(f"<|{name}|>")
+                                              for name in ("python_start", "python_end", "output_start"))
     calls = results = 0
     for seq, mask in zip(sequences, masks):
+        in_python = False
         for token, m in zip(seq[prompt_len:], mask[prompt_len:]):
-            calls += token == python_end and m == 1
+            calls += token == python_end and in_python
+            in_python = token == python_start or (in_python and token != python_end)
             results += token == output_start and m == 0
     return calls, results
 
@@ -191,8 +195,8 @@ def main(args):
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         step = meta["step"]
-        keep_metrics_before(metrics_path, step, rank)
         del model_state, optim_state
+    keep_metrics_before(metrics_path, step, rank)  # a fresh run starts a fresh file
     print0(f"RL {model_tag}: {num_steps} steps x {args.examples_per_step} questions x {args.num_samples} samples, "
            f"{args.max_new_tokens} new tokens max, LR x {args.init_lr_frac}")
 
@@ -230,7 +234,7 @@ def main(args):
 
 
 def keep_metrics_before(path, step, rank):
-    """On resume: drop the records the interrupted run wrote at or after the checkpoint's step.
+    """Drop the records an earlier run wrote at or after `step` (all of them for a fresh run).
     (Also in sft.py; belongs in common.py beside log_metrics.)"""
     if rank != 0 or not os.path.exists(path):
         return

@@ -31,7 +31,6 @@ import math
 import os
 import queue
 import random
-import sys
 import threading
 import time
 import uuid
@@ -65,10 +64,8 @@ class Replica:
     """One model copy with its engine; serves one request at a time."""
 
     def __init__(self, replica_id, model, tokenizer):
-        self.id, self.model, self.tokenizer = replica_id, model, tokenizer
-        self.engine = Engine(model, tokenizer)
-        self.device = next(model.parameters()).device
-        self.max_context = model.config.sequence_len
+        self.id, self.model, self.tokenizer, self.engine = replica_id, model, tokenizer, Engine(model, tokenizer)
+        self.device, self.max_context = next(model.parameters()).device, model.config.sequence_len
 
 
 # ---- request validation ----
@@ -103,10 +100,8 @@ def message_content(content, field, role):
     else:
         raise RequestError(f"{field}.content must be a string or a list of parts", f"{field}.content")
     length = sum(len(part["text"]) for part in parts)
-    if length == 0:
-        raise RequestError(f"{field}.content must not be empty", f"{field}.content")
-    if length > MAX_MESSAGE_CHARS:
-        raise RequestError(f"{field}.content has {length} characters, at most {MAX_MESSAGE_CHARS} allowed", f"{field}.content")
+    if not 1 <= length <= MAX_MESSAGE_CHARS:
+        raise RequestError(f"{field}.content has {length} characters: 1 to {MAX_MESSAGE_CHARS} allowed", f"{field}.content")
     if all(part["type"] == "text" for part in parts):
         return "".join(part["text"] for part in parts), length
     return parts, length
@@ -131,7 +126,8 @@ def check_messages(messages):
     if total > MAX_TOTAL_CHARS:
         raise RequestError(f"messages have {total} characters in total, at most {MAX_TOTAL_CHARS} allowed", "messages")
     if checked[-1]["role"] != "user":
-        raise RequestError(f"the last message must be from the user, not {checked[-1]['role']}", f"messages[{len(checked) - 1}].role")
+        raise RequestError(f"the last message must be from the user, not {checked[-1]['role']}",
+                           f"messages[{len(checked) - 1}].role")
     return checked
 
 
@@ -144,22 +140,22 @@ def parse_chat_request(body, defaults, openai):
            "top_k": check_number(body, "top_k", 0, 200, defaults["top_k"], integer=True),
            "top_p": check_number(body, "top_p", 0, 1, None),  # 0 keeps only the likeliest token: greedy
            "seed": check_number(body, "seed", -2**63, 2**63 - 1, None, integer=True),
-           "stream": True, "include_usage": False}
+           "stream": True}
     job["max_tokens"] = check_number(body, "max_tokens", 1, 4096, defaults["max_tokens"], integer=True)
     if job["top_p"] == 0:
         job["temperature"], job["top_p"] = 0, None
     if openai:
         job["max_tokens"] = check_number(body, "max_completion_tokens", 1, 4096, job["max_tokens"], integer=True)
-        check_number(body, "n", 1, 1, 1, integer=True)  # one choice per request
+        if body.get("n") not in (None, 1):
+            raise RequestError("only n=1 (one choice per request) is supported", "n")
         if body.get("stop") not in (None, [], ""):
             raise RequestError("stop sequences are not supported: leave stop unset", "stop")
-        job["stream"] = body.get("stream", False)
+        job["stream"], options = body.get("stream", False), body.get("stream_options") or {}
+        job["include_usage"] = options.get("include_usage", False) if isinstance(options, dict) else None
         if not isinstance(job["stream"], bool):
             raise RequestError("stream must be true or false", "stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        if not isinstance(job["include_usage"], bool):
             raise RequestError("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-        job["include_usage"] = options.get("include_usage", False)
     return job
 
 
@@ -191,11 +187,9 @@ class ChatServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, replicas, defaults, model_name):
         super().__init__(address, ChatHandler)
         self.replicas, self.defaults, self.model_name = replicas, defaults, model_name
-        self.free = queue.Queue()
+        self.free, self.counts, self.counts_lock = queue.Queue(), {"completions": 0, "disconnects": 0}, threading.Lock()
         for replica in replicas:
             self.free.put(replica)
-        self.counts = {"completions": 0, "disconnects": 0}
-        self.counts_lock = threading.Lock()
 
     def count(self, name):
         with self.counts_lock:
@@ -251,7 +245,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         super().handle_one_request()
         if self.status is not None:
             elapsed_ms = (time.perf_counter() - self.started) * 1000
-            log.info(f"{self.client_address[0]} {self.command} {getattr(self, 'path', '')[:100]} {self.status} {elapsed_ms:.0f}ms {self.note}".rstrip())
+            request = f"{self.command} {getattr(self, 'path', '')[:100]}"  # no path when the request line was bad
+            log.info(f"{self.client_address[0]} {request} {self.status} {elapsed_ms:.0f}ms {self.note}".rstrip())
+
+    def parse_request(self):  # the request line has arrived: time from here, not from an idle keep-alive
+        self.started = time.perf_counter()
+        return super().parse_request()
 
     def send_response(self, code, message=None):
         self.status = code
@@ -260,7 +259,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # handle_one_request logs instead
 
-    def send_error(self, code, message=None, explain=None):  # the base class's own errors (bad request line, ...)
+    def send_error(self, code, message=None, explain=None):  # also the base class's: bad request line, no do_PUT...
         status = HTTPStatus.METHOD_NOT_ALLOWED if code == HTTPStatus.NOT_IMPLEMENTED else code
         self.send_json(status, error_body(message or HTTPStatus(status).phrase, status=status), close=True)
 
@@ -280,8 +279,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.close_connection = True
         self.end_headers()
+        self.close_connection = True
 
     def send_event(self, payload):
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -321,16 +320,18 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/v1/models":
             self.send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                              "created": 0, "owned_by": "nanochat"}]})
-        elif path in ("/chat/completions", "/v1/chat/completions"):
-            self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST for {path}")
         else:
-            self.send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+            self.no_route(path)
+
+    def no_route(self, path):
+        known = path in ("/", "/health", "/stats", "/v1/models", "/chat/completions", "/v1/chat/completions")
+        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
+                        f"{self.command} {path} is not supported" if known else f"no such endpoint: {path}")
 
     def do_POST(self):
         path = self.path.split("?")[0]
         if path not in ("/chat/completions", "/v1/chat/completions"):
-            return self.send_error(HTTPStatus.NOT_FOUND if path not in ("/", "/health", "/stats", "/v1/models")
-                                   else HTTPStatus.METHOD_NOT_ALLOWED, f"no POST endpoint {path}")
+            return self.no_route(path)
         try:
             job = parse_chat_request(self.read_json(), self.server.defaults, openai=path.startswith("/v1/"))
             self.chat(job, openai=path.startswith("/v1/"))
@@ -347,13 +348,15 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             if self.status is None:
                 self.send_json(500, error_body(f"internal error: {e!r}", status=500), close=True)
             else:  # the stream has started: end it with an error event
-                self.send_event({"error": f"internal error: {e!r}"})
+                with contextlib.suppress(OSError):
+                    self.send_event({"error": f"internal error: {e!r}"})
 
     def chat(self, job, openai):
         tokenizer = self.server.replicas[0].tokenizer  # all replicas share one vocabulary
         max_context = self.server.replicas[0].max_context
         try:
-            prompt, dropped = build_chat_prompt(tokenizer, job["messages"], max_context, min(job["max_tokens"], max_context // 2))
+            reserve = min(job["max_tokens"], max_context // 2)  # room for the reply, but never the whole context
+            prompt, dropped = build_chat_prompt(tokenizer, job["messages"], max_context, reserve)
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
         max_tokens = min(job["max_tokens"], max_context - len(prompt))
@@ -373,7 +376,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                         result["tokens"] += 1
                         yield column[0]
 
-            self.note = f"replica {replica.id} prompt {len(prompt)} tokens" + (f" ({dropped} turns dropped)" if dropped else "")
+            self.note = f"replica {replica.id}, prompt {len(prompt)} tokens"
+            self.note += f" ({dropped} old turns dropped)" if dropped else ""
             tokens = reply_tokens()
             try:
                 if openai:
@@ -410,15 +414,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             self.send_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
         self.send_event("[DONE]")
 
-    def method_not_allowed(self):
-        self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not supported here")
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = method_not_allowed
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--stage", "--source", default="sft", choices=["base", "sft", "rl"], help="which checkpoints to serve")
+    parser.add_argument("-i", "--stage", "--source", default="sft", choices=["base", "sft", "rl"],
+                        help="which checkpoints to serve")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the newest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
@@ -448,7 +448,7 @@ def main():
             model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except NanochatError as e:
             hint = f" (make one with `python {STAGE_SCRIPTS[args.stage]}`, or pick --stage/--model-tag)"
-            raise NanochatError(f"{e}{hint if str(e).startswith('no ') else ''}") from None
+            raise NanochatError(f"{e}{hint if str(e).startswith('no ') and '`' not in str(e) else ''}") from None
         replicas.append(Replica(i, model, tokenizer))
     name = f"nanochat-{args.stage}-{args.model_tag or 'd%d' % meta['model_config']['n_layer']}"
     try:

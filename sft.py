@@ -12,6 +12,7 @@ Reads <base>/base_checkpoints/<tag>/ (latest step unless --model-step), writes
 resume) and metrics.jsonl.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -137,8 +138,9 @@ def sft_batches(dataset, tokenizer, batch_size, seq_len, device, state, rank=0, 
                     state["epoch"] += 1
                 ids, mask, truncated = render_for_row(tokenizer, dataset[index], capacity)
                 state["truncated"] += truncated
-                if not any(mask[1:]):
+                if not any(mask[1:]):  # nothing left to learn: consumed, but never packed
                     state["skipped"] += 1
+                    state["consumed"] += world_size
                     continue
                 buffer.append((index, ids, mask))
             row, row_mask = [], []
@@ -184,7 +186,7 @@ def muon_momentum(step):
 
 
 def keep_metrics_before(path, step, rank):
-    """On resume: drop the records the interrupted run wrote at or after the checkpoint's step."""
+    """Drop the records an earlier run wrote at or after `step` (all of them for a fresh run)."""
     if rank != 0 or not os.path.exists(path):
         return
     with open(path) as f:
@@ -212,6 +214,7 @@ def resolve_sizes(args, base_meta, world_size):
 
 def main(args):
     ddp, rank, _, world_size, device = compute_init(args.device_type)
+    train_set, val_set = build_train_mixture(args), build_val_mixture()  # first: a missing split fails fast
     # ---- model, sizes, optimizer: from the base checkpoint, or from our own when resuming ----
     model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
                                              step=args.model_step)
@@ -224,12 +227,15 @@ def main(args):
     lrs = {k: getattr(args, k) if getattr(args, k) is not None else base_flags.get(k, default)
            for k, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
     optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
+    base_dir = checkpoint_dir("base", model_tag)
+    # optimizer shards are per rank: warm-start only with the world size pretraining had (all ranks agree)
+    shards = len(glob.glob(os.path.join(base_dir, f"optim_{base_meta['step']:06d}_rank*.pt")))
     if args.load_optimizer and args.resume_from_step < 0:
-        base_dir = checkpoint_dir("base", model_tag)
-        _, optim_state, _ = load_checkpoint(base_dir, base_meta["step"], device, load_optimizer=True, rank=rank)
-        if optim_state is None:
-            print0("no optimizer state in the base checkpoint: starting the optimizer fresh")
+        if shards != world_size:
+            print0(f"the base checkpoint has {shards} optimizer shard(s) for {world_size} rank(s) here: "
+                   "starting the optimizer fresh")
         else:
+            _, optim_state, _ = load_checkpoint(base_dir, base_meta["step"], device, load_optimizer=True, rank=rank)
             fresh_lrs = [group["lr"] for group in optimizer.param_groups]
             optimizer.load_state_dict(optim_state)  # moments and step counts; it also overwrote the LRs:
             for group, lr in zip(optimizer.param_groups, fresh_lrs):
@@ -238,7 +244,6 @@ def main(args):
         group["lr"] *= args.init_lr_frac
         group["initial_lr"] = group["lr"]
 
-    train_set, val_set = build_train_mixture(args), build_val_mixture()
     packer_state = new_packer_state(rank)
     step, progress = 0, 0.0
     if args.resume_from_step >= 0:
@@ -248,8 +253,8 @@ def main(args):
         optimizer.load_state_dict(optim_state)
         step, progress = meta["step"], meta["loop_state"]["progress"]
         packer_state = meta["packer_states"][rank]
-        keep_metrics_before(metrics_path, step, rank)
         del model_state, optim_state
+    keep_metrics_before(metrics_path, step, rank)  # a fresh run starts a fresh file
     print0(f"SFT {model_tag}: {len(train_set):,} train conversations, seq {seq_len}, device batch {device_batch}, "
            f"total batch {total_batch:,} tokens (grad accum {grad_accum}), LRs {lrs} x {args.init_lr_frac}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile

@@ -7,7 +7,7 @@
 #   DEPTH=20 NPROC=4 bash speedrun.sh                 override the model depth / number of GPU processes
 #   NANOCHAT_MIRROR=/path/to/data bash speedrun.sh    offline: a directory or URL laid out like shared/data
 #   NANOCHAT_BASE_DIR=/big/disk bash speedrun.sh      where data, checkpoints and the report go
-#   NO_VENV=1 bash speedrun.sh                        use the current python instead of creating .venv
+#   NO_VENV=1 bash speedrun.sh                        use the current python (or $PYTHON) instead of .venv
 #
 # Presets: gpu8 = the GPT-2-grade recipe on 8 GPUs (d24, ratio 8, device batch 16, 1M-token batches;
 # CORE target 0.256525); gpu = the same model on fewer GPUs (gradient accumulation, device batch auto);
@@ -16,7 +16,7 @@
 # Each stage's log is $NANOCHAT_BASE_DIR/speedrun/<stage>.log; a finished stage leaves <stage>.done there,
 # so re-running after a failure resumes at the failed stage. Remove that folder to start over.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE="$(cd "$(dirname "$0")" && pwd)"   # the repository; report.md lands in the current directory
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 SR="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$SR"
@@ -26,12 +26,12 @@ say() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
 USE_VENV=0
 if [ -z "${VIRTUAL_ENV:-}" ] && [ "${NO_VENV:-0}" != 1 ]; then
   USE_VENV=1
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  source .venv/bin/activate
+  [ -x "$HERE/.venv/bin/python" ] || python3 -m venv "$HERE/.venv"
+  source "$HERE/.venv/bin/activate"
   # on GPU machines set TORCH_INDEX_URL to the CUDA wheel index that matches your driver (see README)
-  if ! cmp -s requirements.txt .venv/requirements.installed; then
-    pip install -q -r requirements.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
-    cp requirements.txt .venv/requirements.installed
+  if ! cmp -s "$HERE/requirements.txt" "$HERE/.venv/requirements.installed"; then
+    pip install -q -r "$HERE/requirements.txt" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+    cp "$HERE/requirements.txt" "$HERE/.venv/requirements.installed"
   fi
 fi
 PY="${PYTHON:-python3}"
@@ -50,20 +50,26 @@ case "$PRESET" in
     [ "$PRESET" = gpu8 ] && BATCH=16 || BATCH=auto
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576"
-    BASE_EVAL=""; SFT=""; RL=""; CHAT_EVAL="" ;;
+    BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
   cpu)
     DEPTH="${DEPTH:-4}"; SHARDS=4
     TOK="--vocab-size 4096 --max-chars 20000000"
-    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600"
-    BASE_EVAL="--max-per-task 16 --split-tokens 65536"
-    SFT="--num-iterations 100"; RL="--num-steps 5 --num-samples 4 --max-new-tokens 64"
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600
+      --window-pattern L --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every -1"
+    BASE_EVAL="--max-per-task 16 --split-tokens 65536 --device-batch-size 16"
+    SFT="--num-iterations 100 --eval-every 50 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0"
+    RL="--num-iterations 5 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
+      --eval-every 5 --eval-examples 8"
     CHAT_EVAL="--max-problems 16 --max-new-tokens 64" ;;
   micro)
     DEPTH="${DEPTH:-2}"; SHARDS=1
     TOK="--vocab-size 512 --max-chars 2000000"
-    PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20"
-    BASE_EVAL="--max-per-task 2 --split-tokens 4096"
-    SFT="--num-iterations 10"; RL="--num-steps 2 --num-samples 2 --max-new-tokens 16"
+    PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20
+      --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
+    BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
+    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every 0 --mmlu-epochs 0"
+    RL="--num-iterations 2 --examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16
+      --eval-every 2 --eval-examples 2"
     CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;
   *) echo "speedrun: unknown PRESET=$PRESET; use gpu8, gpu, cpu or micro" >&2; exit 1 ;;
 esac
@@ -97,19 +103,20 @@ if [ ! -f "$SR/tokenizer.done" ] && [ -z "${NANOCHAT_MIRROR:-}" ] \
   echo "speedrun: download failed: huggingface.co is unreachable; offline? set NANOCHAT_MIRROR=<directory or URL laid out like shared/data>" >&2
   exit 1
 fi
-run_stage tokenizer $PY train_tokenizer.py $TOK --prefetch-shards "$SHARDS"
+run_stage tokenizer $PY "$HERE/train_tokenizer.py" $TOK --prefetch-shards "$SHARDS"
 
 # ---- the model -------------------------------------------------------------------------------------------
-run_stage pretrain $LAUNCH pretrain.py $PRETRAIN
-run_stage base_eval $LAUNCH evaluate.py --stage base $BASE_EVAL
-run_stage sft $LAUNCH sft.py $SFT
-run_stage sft_eval $LAUNCH evaluate.py --stage sft $CHAT_EVAL
-run_stage rl $LAUNCH rl.py $RL
-run_stage rl_eval $LAUNCH evaluate.py --stage rl $CHAT_EVAL
-run_stage report $PY -c "import common; print('report card:', common.generate_report())"
+run_stage pretrain $LAUNCH "$HERE/pretrain.py" $PRETRAIN
+run_stage base_eval $LAUNCH "$HERE/evaluate.py" --stage base $BASE_EVAL
+run_stage sft $LAUNCH "$HERE/sft.py" $SFT
+run_stage sft_eval $LAUNCH "$HERE/evaluate.py" --stage sft $CHAT_EVAL
+run_stage rl $LAUNCH "$HERE/rl.py" $RL
+run_stage rl_eval $LAUNCH "$HERE/evaluate.py" --stage rl $CHAT_EVAL
+run_stage report $PY -c "import sys; sys.path.insert(0, sys.argv[1]); import common; print('report card:', common.generate_report())" "$HERE"
 
 total=0; for f in "$SR"/*.done; do total=$(( total + $(cat "$f") )); done
 say "all stages done in $(( total / 60 )) min $(( total % 60 )) s; report.md and report_curves.svg are in $(pwd)"
-[ "$USE_VENV" = 1 ] && echo "first: source .venv/bin/activate"
-echo "chat in the terminal:  python chat.py"
-echo "chat in the browser:   python serve.py   (then open the address it prints)"
+if [ "$PWD" = "$HERE" ]; then AT=""; else AT="$HERE/"; fi
+if [ "$USE_VENV" = 1 ]; then echo "first: source ${AT}.venv/bin/activate"; fi
+echo "chat in the terminal:  python ${AT}chat.py"
+echo "chat in the browser:   python ${AT}serve.py   (then open the address it prints)"

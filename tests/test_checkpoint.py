@@ -120,6 +120,8 @@ def test_clear_errors(tokenizer):
         common.load_model("base", "cpu")
     with pytest.raises(common.NanochatError, match="does not exist"):
         common.load_checkpoint(os.path.join(common.get_base_dir(), "nowhere"), 1, "cpu")
+    with pytest.raises(common.NanochatError, match="no checkpoints in"):
+        common.find_last_tag(os.path.join(common.get_base_dir(), "nowhere"))
     ckpt = common.checkpoint_dir("base", "d2")
     common.save_checkpoint(ckpt, 1, tiny_model().state_dict(), None, meta_for(1))
     with pytest.raises(common.NanochatError, match="no checkpoint"):
@@ -160,3 +162,49 @@ def test_reference_layout_loads_with_same_logits(tokenizer):
     assert loaded.transformer.wte.weight.dtype == model.transformer.wte.weight.dtype
     idx = torch.randint(0, VOCAB, (2, 20))
     assert torch.equal(loaded(idx), model(idx))
+
+
+RANK_SCRIPT = """
+import sys, torch, common
+ddp, rank, local_rank, world_size, device = common.compute_init("cpu")
+assert ddp and world_size == 2 and local_rank == rank and torch.distributed.get_backend() == "gloo", (ddp, world_size)
+state = {"w": torch.full((3,), float(rank))}
+common.save_checkpoint(sys.argv[1], 4, {"w": torch.ones(3)}, {"rank": rank, "state": state}, {"step": 4}, rank=rank)
+common.compute_cleanup()
+assert not torch.distributed.is_initialized()
+"""
+
+
+def test_two_gloo_ranks_write_their_optimizer_shards(tmp_path):
+    """The torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*) -> a gloo group on CPU; each rank
+    writes its own shard; the meta appears once all shards are on disk; teardown leaves no group."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path)], cwd=root,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": root},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for rank in range(2):
+        _, optim_state, meta = common.load_checkpoint(str(tmp_path), 4, "cpu", load_optimizer=True, rank=rank)
+        assert optim_state["rank"] == rank and torch.equal(optim_state["state"]["w"], torch.full((3,), float(rank)))
+    assert meta == {"step": 4}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_on_cuda_keeps_model_dtypes(tokenizer):
+    """A CPU-written checkpoint loads on the GPU with the dtypes the model uses there (bf16 embeddings on
+    cc >= 8.0), holding the saved values rounded to those dtypes."""
+    model = tiny_model()
+    common.save_checkpoint(common.checkpoint_dir("base", "d2"), 1, model.state_dict(), None, meta_for(1))
+    loaded, _, _ = common.load_model("base", "cuda")
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in build_gpt(GPTConfig(**CONFIG), "cuda").state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v.cpu(), model.state_dict()[k].to(v.dtype)), k
+    assert torch.isfinite(loaded(torch.randint(0, VOCAB, (1, 12), device="cuda"))).all()

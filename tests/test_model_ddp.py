@@ -11,10 +11,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
+    import copy, os, sys, torch, torch.distributed as dist
     import model
 
-    def train(rows, steps=3):
+    def train(micro_batches, steps=3):
+        # returns the weights before the first step and after each step; the loss of each micro-batch is scaled for an average
         torch.manual_seed(42)
         # 3 layers: odd Muon group sizes (padding), vocab 100 -> 128 rows (sharded AdamW), small scalars (all-reduce)
         config = model.GPTConfig(sequence_len=32, vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=32)
@@ -24,26 +25,29 @@ TRAIN = textwrap.dedent("""
                 p.add_(torch.rand(p.shape) * 0.1 - 0.05)
         optimizer = gpt.setup_optimizer(weight_decay=0.1)
         gen = torch.Generator().manual_seed(0)
+        states = [copy.deepcopy(gpt.state_dict())]
         for step in range(steps):
             x = torch.randint(0, 100, (4, 16), generator=gen)
-            loss = gpt(x[rows], torch.roll(x, -1, dims=1)[rows])
-            loss.backward()
+            for rows in micro_batches:
+                loss = gpt(x[rows], torch.roll(x, -1, dims=1)[rows])
+                (loss / len(micro_batches)).backward()
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * (1.0 - 0.2 * step)
             optimizer.step()
             gpt.zero_grad(set_to_none=True)
-        return gpt.state_dict()
+            states.append(copy.deepcopy(gpt.state_dict()))
+        return states
 
     if __name__ == "__main__":
+        out = sys.argv[1]
         if "RANK" in os.environ:
             dist.init_process_group("gloo")
             rank = dist.get_rank()
-            state = train(slice(2 * rank, 2 * rank + 2))
-            torch.save(state, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+            torch.save(train([slice(2 * rank, 2 * rank + 2)]), os.path.join(out, f"rank{rank}.pt"))
             dist.destroy_process_group()
         else:
-            torch.save(train(slice(0, 4)), os.path.join(sys.argv[1], "single.pt"))
-            torch.save(train(slice(0, 4), steps=0), os.path.join(sys.argv[1], "initial.pt"))
+            torch.save(train([slice(0, 4)]), os.path.join(out, "whole.pt"))
+            torch.save(train([slice(0, 2), slice(2, 4)]), os.path.join(out, "accumulated.pt"))
 """)
 
 
@@ -66,10 +70,19 @@ def test_two_gloo_ranks_equal_one_process_with_whole_batch(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     _, err = single.communicate(timeout=180)
     assert single.returncode == 0, err
-    reference = torch.load(tmp_path / "single.pt")
+    whole, accumulated = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "accumulated.pt")
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for name, value in reference.items():
-        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=f"ranks differ in {name}")
-        torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-5, msg=f"DDP != single in {name}")
-    initial = torch.load(tmp_path / "initial.pt")
-    assert all(not torch.equal(initial[name], value) for name, value in reference.items())  # all were trained
+    for name in whole[0]:
+        assert not torch.equal(whole[3][name], whole[0][name]), f"{name} was not trained"
+        for step in range(1, 4):
+            torch.testing.assert_close(rank0[step][name], rank1[step][name], rtol=0, atol=0,
+                                       msg=f"ranks differ in {name} after step {step}")
+            # vs one process summing the same two half-batch gradients: equal to fp32 rounding
+            torch.testing.assert_close(rank0[step][name], accumulated[step][name], rtol=1e-5, atol=1e-6,
+                                       msg=f"DDP != accumulated single process in {name} after step {step}")
+        # vs one process with the whole batch: fp32 tolerance after the first step; later steps drift because
+        # Polar Express amplifies rounding differences in small singular directions (~1000x), not from a bug
+        torch.testing.assert_close(rank0[1][name], whole[1][name], rtol=1e-5, atol=1e-6,
+                                   msg=f"DDP != whole batch in {name} after step 1")
+        torch.testing.assert_close(rank0[3][name], whole[3][name], rtol=1e-2, atol=2e-3,
+                                   msg=f"DDP != whole batch in {name} after step 3")

@@ -1,0 +1,113 @@
+"""The BOS-aligned best-fit loader (common.py section 5): packing, streams, exact resume, bits per byte."""
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from common import NanochatError, Tokenizer, bestfit_batches, evaluate_bpb, iter_doc_batches, pack_batches
+from model import GPTConfig, build_gpt
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """256 byte tokens and the specials, no merges: a document of n ASCII characters is n tokens (+ BOS)."""
+    return Tokenizer.train(iter(["abc"]), 256 + 9)
+
+
+def write_shard(path, texts, row_group_size):
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def test_best_fit_rows_hand_computed(tmp_path, byte_tokenizer):
+    # documents of 5,3,8,2,6,1 characters -> 6,4,9,3,7,2 tokens with BOS; rows hold T+1 = 10 tokens
+    texts = [chr(ord("a") + i) * n for i, n in enumerate([5, 3, 8, 2, 6, 1])]
+    files = [write_shard(tmp_path / "s0.parquet", texts, 64)]
+    rows, state = next(pack_batches(byte_tokenizer, 2, 9, files, 0, 1, buffer_size=4))
+    doc = [byte_tokenizer.encode(t, prepend=byte_tokenizer.get_bos_token_id()) for t in texts]
+    # row 0: the largest that fits is the 9-token doc; 1 slot left, nothing fits -> crop the shortest (2 tokens)
+    assert rows[0].tolist() == doc[2] + doc[5][:1]
+    # row 1: 7 tokens fit, then exactly the 3-token doc
+    assert rows[1].tolist() == doc[4] + doc[3]
+    assert state == {"next": [1, 0, 0, 0], "buffer": []}  # the first batch starts from nothing
+
+
+def test_rows_start_with_bos_and_targets_shift(tmp_path, byte_tokenizer):
+    texts = [chr(ord("a") + i % 26) * (1 + (7 * i) % 23) for i in range(100)]
+    files = [write_shard(tmp_path / "s0.parquet", texts, 16)]
+    loader = bestfit_batches(byte_tokenizer, 4, 16, "train", files=files, buffer_size=10)
+    bos = byte_tokenizer.get_bos_token_id()
+    for _ in range(20):
+        x, y, _ = next(loader)
+        assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == bos).all()
+        assert (x[:, 1:] == y[:, :-1]).all()
+    loader.close()
+
+
+def test_resume_reproduces_the_next_batches_exactly(tmp_path, byte_tokenizer):
+    # two files with several row groups, small buffer: the run crosses row groups, files and epochs
+    texts = [chr(ord("a") + i % 26) * (1 + (11 * i) % 29) for i in range(120)]
+    files = [write_shard(tmp_path / "s0.parquet", texts[:60], 8), write_shard(tmp_path / "s1.parquet", texts[60:], 8)]
+    loader = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, stream=1, num_streams=2, buffer_size=12)
+    batches = [next(loader) for _ in range(60)]
+    loader.close()
+    assert batches[-1][2]["next"][0] >= 2, "the test should cross an epoch boundary"
+    for k in (1, 7, 23, 41):
+        resumed = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, stream=1, num_streams=2,
+                                  buffer_size=12, state=batches[k][2])
+        for x, y, state in batches[k:k + 15]:
+            rx, ry, rstate = next(resumed)
+            assert torch.equal(rx, x) and torch.equal(ry, y) and rstate == state
+        resumed.close()
+
+
+@pytest.mark.parametrize("num_streams", [2, 4])
+def test_streams_split_row_groups(tmp_path, num_streams):
+    # 2 files of 3 row groups, numbered 0-5 across files: stream s reads s, s+S, ... (4 streams > 3 per file)
+    files = [write_shard(tmp_path / f"s{i}.parquet", [f"{i}-{j}" for j in range(30)], 10) for i in range(2)]
+    seen = []
+    for stream in range(num_streams):
+        first_epoch = []
+        for (epoch, pq_idx, rg_idx, offset), texts in iter_doc_batches(files, stream, num_streams, batch_docs=4):
+            if epoch > 1:
+                break
+            assert (3 * pq_idx + rg_idx) % num_streams == stream
+            first_epoch += texts
+        seen.append(first_epoch)
+    everything = [t for stream_texts in seen for t in stream_texts]
+    assert sorted(everything) == sorted(f"{i}-{j}" for i in range(2) for j in range(30))  # each doc exactly once
+
+
+def test_stream_without_row_groups_is_an_error(tmp_path, byte_tokenizer):
+    files = [write_shard(tmp_path / "s0.parquet", ["abc"] * 10, 10)]  # one row group, two streams
+    loader = bestfit_batches(byte_tokenizer, 1, 8, "train", files=files, stream=1, num_streams=2)
+    with pytest.raises(NanochatError, match="fewer GPUs"):
+        next(loader)
+
+
+def test_real_shards(shared_data, byte_tokenizer):
+    files = sorted(str(p) for p in (shared_data / "pretrain").glob("*.parquet"))[:2]
+    loader = bestfit_batches(byte_tokenizer, 2, 256, "train", files=files, buffer_size=50)
+    x, y, state = next(loader)
+    text = byte_tokenizer.decode(x[0].tolist())
+    assert text.startswith("<|bos|>") and len(state["buffer"]) == 0
+    x, y, state = next(loader)
+    assert len(state["buffer"]) >= 50 - 8  # buffered document positions travel with the batch
+    loader.close()
+
+
+def test_bpb_hand_computed():
+    """A model with a zero lm_head predicts uniformly: every token costs ln(V) nats. With target byte
+    lengths 1, 2, 3 and a special token (0 bytes, not counted) and an ignored -1: 3 ln 4 / (6 ln 2) = 1."""
+    model = build_gpt(GPTConfig(sequence_len=8, vocab_size=4, n_layer=1, n_head=1, n_kv_head=1, n_embd=32), "cpu")
+    torch.nn.init.zeros_(model.lm_head.weight)
+    token_bytes = torch.tensor([1, 2, 3, 0])
+    x = torch.tensor([[0, 1, 2, 3, 0]])
+    y = torch.tensor([[0, 1, 2, 3, -1]])
+    batches = iter([(x, y, None), (x, y, None)])
+    bpb = evaluate_bpb(model, batches, 2, token_bytes)
+    assert bpb == pytest.approx(2 * 3 * math.log(4) / (math.log(2) * 12), rel=1e-6)
+    assert bpb == pytest.approx(1.0, rel=1e-6)

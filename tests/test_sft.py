@@ -1,0 +1,103 @@
+"""sft.py: best-fit packing with truncation to the row, NaN-free loss, exact resume, clear errors."""
+import math
+
+import torch
+
+from common import Tokenizer
+from model import GPTConfig, build_gpt
+from sft import new_packer_state, sft_batches, sft_loss
+from test_chain import SFT_FLAGS, SFT_STEPS, chain_dir, copy_of, read_jsonl, run_script
+
+WORDS = "the cat sat on a mat while seven dogs ran far away from home and then came back".split()
+
+
+def tiny_tokenizer():
+    text = " ".join(WORDS * 50)
+    return Tokenizer.train(iter([text]), 300)
+
+
+def conversations():
+    """Short chats, chats longer than a 16-token row, and one whose user turn alone fills the row."""
+    convs = []
+    for i in range(40):
+        answer = " ".join(WORDS[: 2 + (i * 7) % 15] * (1 + i % 3))
+        convs.append({"messages": [{"role": "user", "content": WORDS[i % len(WORDS)]},
+                                   {"role": "assistant", "content": answer}]})
+    convs.insert(5, {"messages": [{"role": "user", "content": " ".join(WORDS * 3)},
+                                  {"role": "assistant", "content": "ok"}]})
+    return convs
+
+
+def test_packing_truncates_to_the_row_skips_unlearnable_and_never_stalls():
+    tokenizer, data = tiny_tokenizer(), conversations()
+    batches = sft_batches(data, tokenizer, batch_size=2, seq_len=16, device="cpu", state=new_packer_state(0),
+                          buffer_size=8)
+    consumed = []
+    for _ in range(60):  # more rows than the data holds: the packer must wrap around, not stall
+        inputs, targets, state = next(batches)
+        assert inputs.shape == targets.shape == (2, 16)
+        assert ((targets >= 0).sum(dim=1) > 0).all(), "every row has something to learn"
+        assert torch.equal(inputs[:, 1:], targets[:, :-1].where(targets[:, :-1] >= 0, inputs[:, 1:]))
+        consumed.append(state["consumed"])
+    assert all(b > a for a, b in zip(consumed, consumed[1:])), "each batch packs at least one conversation"
+    assert state["epoch"] >= 1 and state["truncated"] > 0 and state["skipped"] >= 1
+
+
+def test_packer_state_rebuilds_the_same_next_batches():
+    tokenizer, data = tiny_tokenizer(), conversations()
+    kwargs = dict(batch_size=3, seq_len=24, device="cpu", buffer_size=6)
+    run = sft_batches(data, tokenizer, state=new_packer_state(0), **kwargs)
+    batches = [next(run) for _ in range(8)]
+    resumed = sft_batches(data, tokenizer, state=batches[3][2], **kwargs)
+    for expected in batches[4:]:
+        got = next(resumed)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_loss_without_supervised_tokens_is_zero_not_nan():
+    model = build_gpt(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    inputs = torch.randint(0, 300, (2, 16))
+    loss = sft_loss(model, inputs, torch.full((2, 16), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    targets = torch.full((2, 16), -1)
+    targets[0, 3] = 7
+    per_token = model(inputs, targets, loss_reduction="none").view(2, 16)
+    assert math.isclose(sft_loss(model, inputs, targets).item(), per_token[0, 3].item(), rel_tol=1e-5)
+
+
+def test_short_rows_run_a_whole_epoch_without_nan(tmp_path_factory, http_mirror, tmp_path):
+    """seq 32 is shorter than most conversations: they are cut, the epoch still ends (no --num-iterations)."""
+    base = copy_of(chain_dir(tmp_path_factory, http_mirror), tmp_path / "base")
+    run_script(base, http_mirror, "sft.py", "--mmlu-epochs", 0, "--gsm8k-epochs", 0, "--identity-epochs", 0,
+               "--simple-spelling-size", 0, "--spelling-bee-size", 0, "--max-seq-len", 32, "--device-batch-size", 8,
+               "--eval-every", -1, "--chatcore-every", -1, "--model-tag", "d2")
+    rows = [r for r in read_jsonl(base / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["progress"] == 1.0 and rows[-1]["truncated"] > 0
+    assert rows[-1]["epoch"] <= 1
+
+
+def test_resume_gives_the_same_losses(tmp_path_factory, http_mirror, tmp_path):
+    chain = chain_dir(tmp_path_factory, http_mirror)
+    expected = [r for r in read_jsonl(chain / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
+    base = copy_of(chain, tmp_path / "base")
+    # as if the chain's run had been killed after its step-20 checkpoint; evals do not change training
+    run_script(base, http_mirror, "sft.py", *SFT_FLAGS, "--resume-from-step", 20, "--eval-every", -1,
+               "--chatcore-every", -1)
+    got = [r for r in read_jsonl(base / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == list(range(SFT_STEPS))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+    assert [r["truncated"] for r in got] == [r["truncated"] for r in expected]
+    a = torch.load(chain / "chatsft_checkpoints" / "d2" / f"model_{SFT_STEPS:06d}.pt")
+    b = torch.load(base / "chatsft_checkpoints" / "d2" / f"model_{SFT_STEPS:06d}.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_mmlu_split_is_one_clear_line(tmp_path_factory, http_mirror, tmp_path):
+    base = copy_of(chain_dir(tmp_path_factory, http_mirror), tmp_path / "base")
+    proc = run_script(base, http_mirror, "sft.py", check=False)  # default mixture wants MMLU auxiliary_train
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "auxiliary_train" in proc.stderr and "--mmlu-epochs 0" in proc.stderr
