@@ -235,12 +235,14 @@ def bench_tokenize(args):
     train_files, (val_file,) = common.split_files("train"), common.split_files("val")
     docs, chars = [], 0
     for path in train_files:
+        if chars >= args.max_chars:
+            break
         for doc in shard_docs(path, args.doc_cap):
             if chars >= args.max_chars:
                 break
             docs.append(doc)
             chars += len(doc)
-    print(f"training text: {len(docs):,} docs, {chars / 1e6:.1f}M chars from {len(train_files)} shards; {os.cpu_count()} cores")
+    print(f"training text: {len(docs):,} docs, {chars / 1e6:.1f}M chars (train shards: {len(train_files)}); {os.cpu_count()} cores")
     for vocab_size in args.vocab_sizes:
         # baseline: the bare rustbpe call the reference makes, on the same text, right before ours
         t0 = time.time()

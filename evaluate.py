@@ -13,6 +13,7 @@ Any of these also runs under torchrun, e.g. torchrun --nproc_per_node=8 evaluate
 
 import argparse
 import csv
+import glob
 import json
 import os
 import random
@@ -45,15 +46,15 @@ def parse_core_yaml(text):
         return int(v) if v.lstrip("-").isdigit() else v.strip("'")
     tasks = []
     for line in text.splitlines():
-        body = line.split(" #")[0].rstrip() if not line.lstrip().startswith("#") else ""
-        if not body or body.endswith(":") and not body.startswith(" ") and not body.startswith("-"):
-            continue  # blank, comment, or the "icl_tasks:" header
-        if body.lstrip().startswith("-"):
+        line = line.split(" #")[0].rstrip()
+        if not line.strip() or line.lstrip().startswith("#") or not line.startswith((" ", "-")):
+            continue  # blank, comment, or a top-level header such as "icl_tasks:"
+        if line.startswith("-"):  # a new task, maybe with its first key on the same line
             tasks.append({})
-            body = body.lstrip()[1:]
-            if not body.strip():
+            line = line[1:]
+            if not line.strip():
                 continue
-        key, _, value = body.strip().partition(":")
+        key, _, value = line.strip().partition(":")
         tasks[-1][key.strip()] = scalar(value)
     return tasks
 
@@ -77,6 +78,8 @@ def ensure_eval_bundle():
                                   os.path.join(tmp, "eval_data", uri))
                 except NanochatError as e:  # a mirror may hold only some tasks: CORE is then marked partial
                     print0(f"eval bundle: {uri} not on the mirror ({e})")
+            for lock in glob.glob(os.path.join(tmp, "**", "*.lock"), recursive=True):
+                os.remove(lock)  # download_file's lock files: not part of the bundle
             unpacked = tmp
         else:
             zip_path = download_file(EVAL_BUNDLE_URL, os.path.join(tmp, "eval_bundle.zip"), desc="eval_bundle.zip")

@@ -120,6 +120,7 @@ def test_bundle_from_mirror_and_real_sample(base_dir, http_mirror, monkeypatch, 
     monkeypatch.setenv("NANOCHAT_MIRROR", http_mirror)
     bundle = evaluate.ensure_eval_bundle()
     assert (base_dir / "eval_bundle" / "core.yaml").exists()
+    assert not list((base_dir / "eval_bundle").rglob("*.lock")) and len(list(base_dir.iterdir())) == 1
     core = evaluate.evaluate_core(NextByteModel(byte_tokenizer.get_vocab_size()), byte_tokenizer, max_per_task=3,
                                   bundle=bundle)
     assert sorted(core["missing"]) == ["coqa", "squad"] and len(core["results"]) == 20
