@@ -167,6 +167,8 @@ def time_decode(engine, prompt, batch_size, args, seed):
 
 def bench_decode(args):
     """Decode tokens/s of the Engine per batch size (median of --repeats, interleaved A/B when comparing)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, prompt = decode_setup(args)
     print(f"model: depth {args.depth}, n_embd {model.config.n_embd}, seq {args.seq_len}, vocab {args.vocab_size}, "
           f"window {args.window_pattern}, dtype {next(model.parameters()).dtype}; device {next(model.parameters()).device}, "
@@ -207,6 +209,7 @@ def add_decode_parser(sub):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
                    "rows from the batch with keeping them (the reference), by useful tokens/s")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_decode)
 

@@ -1474,6 +1474,128 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024**2, maximum_
     return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded)
 
 
+# ---- chat evaluation: shared by evaluate.py (--stage sft|rl) and sft.py (ChatCORE during training) ----
+
+# name -> (task at its eval split, accuracy of random guessing); ChatCORE centers on the latter (§8.4).
+# SpellingBee is the sixth ChatCORE task, as in the reference's last version that had it.
+CHAT_TASKS = {
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
+    "HumanEval": (lambda: HumanEval(), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def parse_chat_tasks(spec):
+    """'ARC-Easy,MMLU' (or the reference's 'ARC-Easy|MMLU'; empty = all) -> validated list of names."""
+    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()] or list(CHAT_TASKS)
+    unknown = [n for n in names if n not in CHAT_TASKS]
+    if unknown:
+        raise NanochatError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(CHAT_TASKS)}")
+    return names
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_over_ranks(count, device):
+    t = torch.tensor(count, dtype=torch.long, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def report_progress(name, done, correct, total, world, t0):
+    """One self-overwriting line: problems done (all ranks, estimated), rank 0's accuracy so far, ETA."""
+    done_all = min(done * world, total)
+    eta = (time.time() - t0) / max(done_all, 1) * (total - done_all)
+    print0(f"\r{name}: {done_all}/{total} ({correct / max(done, 1):.1%}) eta {eta:.0f}s ", end="")
+
+
+def letter_token_ids(tokenizer, letters):
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise NanochatError(f"answer letters {letters} do not each encode to one token with this tokenizer: "
+                            "categorical evaluation needs single-token letters")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None, name="task"):
+    """Multiple choice without sampling: one forward per batch of prompts (right-padded with BOS), and the
+    answer is the allowed letter whose logit is highest at the <|assistant_start|> position.
+    Batches are strided over ranks. Returns (num_correct, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos = tokenizer.get_bos_token_id()
+    correct, done, t0 = 0, 0, time.time()
+    for start in range(rank * batch_size, n, world * batch_size):
+        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            scores = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]
+            correct += bool(task.evaluate(conversation, letters[scores.argmax().item()]))
+        done += len(conversations)
+        report_progress(name, done, correct, n, world, t0)
+    print0()
+    return sum_over_ranks(correct, device), n
+
+
+@torch.no_grad()
+def run_generative(model, tokenizer, task, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   max_problems=None, name="task"):
+    """Sample `num_samples` completions per problem (KV-cache engine, tools on) and grade them; a problem
+    passes if any sample does (pass@num_samples). Problems are strided over ranks.
+    Returns (num_passed, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    engine = Engine(model, tokenizer)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    passed, done, t0 = 0, 0, time.time()
+    for i in range(rank, n, world):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k)
+        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        passed += any(task.evaluate(conversation, c) for c in completions)
+        done += 1
+        report_progress(name, done, passed, n, world, t0)
+    print0()
+    return sum_over_ranks(passed, device), n
+
+
+def run_chat_eval(name, model, tokenizer, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0,
+                  top_k=50, max_problems=None):
+    """Accuracy of the model on one task of CHAT_TASKS (categorical or generative as the task says)."""
+    task = CHAT_TASKS[name][0]()
+    if task.eval_type == "categorical":
+        correct, total = run_categorical(model, tokenizer, task, batch_size, max_problems, name)
+    else:
+        correct, total = run_generative(model, tokenizer, task, num_samples, max_new_tokens, temperature,
+                                        top_k, max_problems, name)
+    return correct / max(total, 1)
+
+
+def chatcore(accuracies, names=tuple(CHAT_TASKS)):
+    """Mean over `names` of the accuracy centered on random guessing: 0 = chance, 1 = perfect.
+    None unless every one of `names` was evaluated."""
+    if not all(n in accuracies for n in names):
+        return None
+    return sum((accuracies[n] - CHAT_TASKS[n][1]) / (1 - CHAT_TASKS[n][1]) for n in names) / len(names)
+
+
 # =============================================================================================
 # 7. Inference engine and calculator tool
 # =============================================================================================
@@ -1682,7 +1804,9 @@ def build_chat_prompt(tokenizer, messages, max_context, reserve):
     oldest first; a system message stays (it is folded into the first remaining user turn).
     Returns (ids, number of turns dropped) so the caller can tell the user; ValueError when even the
     last user message alone does not fit."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the conversation must end with a user message")
+    system = messages[:1] if messages[0]["role"] == "system" else []
     turns = list(messages[len(system):])
     budget = max_context - reserve
     assistant_start = tokenizer.encode_special("<|assistant_start|>")

@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (SAMPLE_PROMPTS, NanochatError, atomic_write, bestfit_batches, compute_cleanup, compute_init,
-                    download_file, evaluate_bpb, get_base_dir, get_token_bytes, load_model, print0, source_for)
+                    download_file, evaluate_bpb, get_base_dir, get_token_bytes, load_model, print0, report_section,
+                    source_for)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -238,6 +239,7 @@ def run_base_eval(args):
         raise NanochatError(f"--eval {args.eval}: unknown {', '.join(sorted(unknown))}; choose from bpb,core,sample")
     out_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(out_dir, exist_ok=True)
+    figures = {"step": step}
     if "bpb" in evals:
         B, T = args.device_batch_size, model.config.sequence_len
         steps = args.split_tokens // (B * T * world_size)
@@ -247,7 +249,8 @@ def run_base_eval(args):
         token_bytes = get_token_bytes(device)
         for split in ("train", "val"):
             batches = bestfit_batches(tokenizer, B, T, split, device, stream=rank, num_streams=world_size)
-            print0(f"{split} bpb: {evaluate_bpb(model, batches, steps, token_bytes):.6f}")
+            figures[f"{split} bpb"] = evaluate_bpb(model, batches, steps, token_bytes)
+            print0(f"{split} bpb: {figures[split + ' bpb']:.6f}")
             batches.close()
     if "core" in evals:
         core = evaluate_core(model, tokenizer, args.max_per_task, rank=rank, world_size=world_size)
@@ -258,8 +261,11 @@ def run_base_eval(args):
             csv_path = os.path.join(out_dir, f"base_model_{step:06d}.csv")
             write_core_csv(csv_path, core)
             print0(f"wrote {csv_path}")
+        figures.update({"CORE": core["core_metric"], "CORE tasks": f"{len(core['results'])}{note}"},
+                       **core["centered_results"])
     if "sample" in evals and rank == 0:
         sample_base_model(model, tokenizer)
+    report_section("Base model evaluation", figures, column="BASE")
     compute_cleanup()
 
 
@@ -267,131 +273,12 @@ def run_base_eval(args):
 # Chat model evaluation: categorical and generative tasks, ChatCORE (owner: SFTRL)
 # =============================================================================================
 
-from common import ARC, GSM8K, MMLU, Engine, HumanEval, SpellingBee, report_section
-
-# name -> (task at its eval split, accuracy of random guessing); ChatCORE centers on the latter (§8.4).
-# SpellingBee is the sixth ChatCORE task, as in the reference's last version that had it.
-CHAT_TASKS = {
-    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
-    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
-    "MMLU": (lambda: MMLU("all", "test"), 0.25),
-    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
-    "HumanEval": (lambda: HumanEval(), 0.0),
-    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
-}
-CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
-
-
-def parse_chat_tasks(spec):
-    """'ARC-Easy,MMLU' (or the reference's 'ARC-Easy|MMLU'; empty = all) -> validated list of names."""
-    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()] or list(CHAT_TASKS)
-    unknown = [n for n in names if n not in CHAT_TASKS]
-    if unknown:
-        raise NanochatError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(CHAT_TASKS)}")
-    return names
-
-
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def sum_over_ranks(count, device):
-    t = torch.tensor(count, dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
-def report_progress(name, done, total, correct, t0):
-    """One self-overwriting line with accuracy so far and ETA (rank 0, per-rank counts)."""
-    eta = (time.time() - t0) / max(done, 1) * (total - done)
-    print0(f"\r{name}: {done}/{total} ({correct / max(done, 1):.1%}) eta {eta:.0f}s ", end="")
-
-
-def letter_token_ids(tokenizer, letters):
-    ids = [tokenizer.encode(letter) for letter in letters]
-    if any(len(i) != 1 for i in ids):
-        raise NanochatError(f"answer letters {letters} do not each encode to one token with this tokenizer: "
-                            "categorical evaluation needs single-token letters")
-    return [i[0] for i in ids]
-
-
-@torch.no_grad()
-def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None, name="task"):
-    """Multiple choice without sampling: one forward per batch of prompts (right-padded with BOS), and the
-    answer is the allowed letter whose logit is highest at the <|assistant_start|> position.
-    Batches are strided over ranks. Returns (num_correct, num_problems) summed over ranks."""
-    rank, world = rank_and_world()
-    device = next(model.parameters()).device
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    bos = tokenizer.get_bos_token_id()
-    correct, done, t0 = 0, 0, time.time()
-    for start in range(rank * batch_size, n, world * batch_size):
-        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        width = max(map(len, prompts))
-        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(ids)
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation["letters"]
-            scores = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]
-            correct += bool(task.evaluate(conversation, letters[scores.argmax().item()]))
-        done += len(conversations)
-        report_progress(name, done * world, n, correct, t0)
-    print0()
-    return sum_over_ranks(correct, device), n
-
-
-@torch.no_grad()
-def run_generative(model, tokenizer, task, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                   max_problems=None, name="task"):
-    """Sample `num_samples` completions per problem (KV-cache engine, tools on) and grade them; a problem
-    passes if any sample does (pass@num_samples). Problems are strided over ranks.
-    Returns (num_passed, num_problems) summed over ranks."""
-    rank, world = rank_and_world()
-    device = next(model.parameters()).device
-    engine = Engine(model, tokenizer)
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    passed, done, t0 = 0, 0, time.time()
-    for i in range(rank, n, world):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
-        passed += any(task.evaluate(conversation, c) for c in completions)
-        done += 1
-        report_progress(name, done * world, n, passed, t0)
-    print0()
-    return sum_over_ranks(passed, device), n
-
-
-def run_chat_eval(name, model, tokenizer, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0,
-                  top_k=50, max_problems=None):
-    """Accuracy of the model on one task of CHAT_TASKS (categorical or generative as the task says)."""
-    task = CHAT_TASKS[name][0]()
-    if task.eval_type == "categorical":
-        correct, total = run_categorical(model, tokenizer, task, batch_size, max_problems, name)
-    else:
-        correct, total = run_generative(model, tokenizer, task, num_samples, max_new_tokens, temperature,
-                                        top_k, max_problems, name)
-    return correct / max(total, 1)
-
-
-def chatcore(accuracies, names=tuple(CHAT_TASKS)):
-    """Mean over `names` of the accuracy centered on random guessing: 0 = chance, 1 = perfect.
-    None unless every one of `names` was evaluated."""
-    if not all(n in accuracies for n in names):
-        return None
-    return sum((accuracies[n] - CHAT_TASKS[n][1]) / (1 - CHAT_TASKS[n][1]) for n in names) / len(names)
-
+from common import CHAT_TASKS, chatcore, parse_chat_tasks, run_chat_eval
 
 def chat_eval_main(args):
     """`evaluate.py --stage sft|rl`: per-task accuracy table, ChatCORE, CSV in <base>/chat_eval/."""
     names = parse_chat_tasks(args.tasks)
-    ddp, rank, _, _, device = compute_init(args.device_type)
+    _, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
     accuracies = {}
     for name in names:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from model import COMPUTE_DTYPE, GPT, build_gpt, config_for_depth
 from common import (SAMPLE_PROMPTS, NanochatError, atomic_write, bestfit_batches, checkpoint_dir, compute_cleanup,
                     compute_init, evaluate_bpb, get_peak_flops, get_token_bytes, get_tokenizer, load_checkpoint,
-                    print0, save_checkpoint, split_files)
+                    log_metrics, print0, report_section, save_checkpoint, split_files)
 
 B_REF = 2 ** 19  # tokens per step of the reference model (d12) from which batch size, LR and WD transfer
 
@@ -160,8 +160,8 @@ def find_device_batch_size(config, max_batch, device):
     """Largest power of two whose forward+backward, with optimizer-sized state allocated, fits in GPU memory."""
     batch = 2 ** int(math.log2(max(max_batch, 1)))
     while batch >= 1:
-        model = build_gpt(config, device)
         try:
+            model = build_gpt(config, device)
             reserve = torch.empty(2 * sum(p.numel() for p in model.parameters()), device=device)  # ~Adam moments
             x = torch.randint(0, config.vocab_size, (batch, config.sequence_len), device=device)
             model(x, x).backward()
@@ -169,7 +169,7 @@ def find_device_batch_size(config, max_batch, device):
             fits = True
         except torch.OutOfMemoryError:
             fits = False
-        reserve = x = model = None
+        model = reserve = x = None  # free everything before the next try
         gc.collect()
         torch.cuda.empty_cache()
         fits = torch.tensor(int(fits), device=device)
@@ -235,6 +235,10 @@ def main(argv=None):
            f"{args.warmup_steps}, warmdown {round(args.warmdown_ratio * N)} steps to x{args.final_lr_frac}; "
            f"compile {use_compile}, dtype {COMPUTE_DTYPE}")
 
+    eval_steps = args.eval_tokens // (device_batch_size * T * world_size)
+    if args.eval_every > 0 and eval_steps == 0:
+        raise NanochatError(f"--eval-tokens {args.eval_tokens} is less than one batch ({device_batch_size} x {T} x "
+                            f"{world_size} tokens): raise it, or turn val evaluation off with --eval-every -1")
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint_dir("base", model_tag)
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
@@ -275,13 +279,12 @@ def main(argv=None):
     loaders = [bestfit_batches(tokenizer, device_batch_size, T, "train", device, stream=i, num_streams=num_streams,
                                state=loader_states[i], tokenizer_threads=tok_threads) for i in streams]
     batches = [next(loader) for loader in loaders]  # (inputs, targets, state that rebuilds this batch)
-    eval_steps = args.eval_tokens // (device_batch_size * T * world_size)
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if cuda else float("inf")
     resume_step, timed_dts = step, []
     while True:
         last_step = step == N
         record = {"step": step}
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0) and eval_steps > 0:
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             val_loader = bestfit_batches(tokenizer, device_batch_size, T, "val", device, stream=rank,
                                          num_streams=world_size)
             val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
@@ -313,9 +316,8 @@ def main(argv=None):
                                         total_training_time=total_time))
             save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
         if last_step:
-            if master and len(record) > 1:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            if len(record) > 1:
+                log_metrics(metrics_path, **record)
             break
 
         # ---- one optimization step ----
@@ -364,16 +366,23 @@ def main(argv=None):
                f" | epoch {epoch} pq {pq_idx} rg {rg_idx} | total time {total_time / 60:.2f}m | eta {duration(eta)}")
         record.update(loss=train_loss, smooth_loss=debiased, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec,
                       mfu=mfu if mfu > 0 else None, epoch=epoch)
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        log_metrics(metrics_path, **record)
         step += 1
 
     for loader in loaders:
         loader.close()
-    if cuda:
-        print0(f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB")
-    print0(f"total training time {total_time / 60:.2f}m; min val bpb {min_val_bpb:.6f}")
+    peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+    print0(f"total training time {duration(total_time)}; min val bpb {min_val_bpb:.6f}" +
+           (f"; peak memory {peak_memory:,.0f} MiB" if cuda else ""))
+    report_section("Base model training", {
+        "depth": config.n_layer, "parameters": counts["total"], "scaling parameters": plan["scaling_params"],
+        "FLOPs per token": flops_per_token, "total batch size": total_batch, "steps": N,
+        "tokens": N * total_batch, "tokens per scaling parameter": N * total_batch / plan["scaling_params"],
+        "world size": world_size, "device batch size": device_batch_size, "gradient accumulation": A,
+        "val bpb": min_val_bpb, "training time (s, steps after 10)": total_time,
+        "tokens/s (last step)": tok_per_sec if N > resume_step else None,
+        "MFU % (last step)": mfu if N > resume_step and mfu > 0 else None, "peak memory MiB": peak_memory,
+    }, column="BASE")
     compute_cleanup()
 
 

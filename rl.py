@@ -170,7 +170,8 @@ def main(args):
     if args.num_samples % args.device_batch_size:
         raise NanochatError(f"--num-samples {args.num_samples} must be a multiple of --device-batch-size "
                             f"{args.device_batch_size}")
-    model, tokenizer, sft_meta = load_model("sft", device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model, tokenizer, sft_meta = load_model("sft", device, phase="train", model_tag=args.model_tag,
+                                            step=args.model_step)
     model_tag = args.model_tag or find_last_tag(os.path.join(get_base_dir(), CHECKPOINT_DIRS["sft"]))
     out_dir = checkpoint_dir("rl", model_tag)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")

@@ -21,17 +21,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (CHECKPOINT_DIRS, GSM8K, MMLU, CustomJSON, MissingSplitError, NanochatError, SimpleSpelling,
-                    SmolTalk, SpellingBee, TaskMixture, atomic_write, checkpoint_dir, compute_cleanup, compute_init, evaluate_bpb,
-                    find_last_tag, get_base_dir, get_token_bytes, load_checkpoint, load_model, log_metrics, print0,
-                    report_section, save_checkpoint)
-from evaluate import CATEGORICAL_TASKS, CHAT_TASKS, chatcore, run_chat_eval
+from common import (CATEGORICAL_TASKS, CHAT_TASKS, CHECKPOINT_DIRS, GSM8K, MMLU, CustomJSON, chatcore, run_chat_eval, MissingSplitError, NanochatError, SimpleSpelling,
+                    SmolTalk, SpellingBee, TaskMixture, atomic_write, checkpoint_dir, compute_cleanup, compute_init,
+                    evaluate_bpb, find_last_tag, get_base_dir, get_token_bytes, load_checkpoint, load_model,
+                    log_metrics, print0, report_section, save_checkpoint)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the largest d<N>)")
+    p.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the latest written)")
     p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the latest)")
     p.add_argument("--load-optimizer", type=int, default=1, help="warm-start the optimizer from the base checkpoint")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
@@ -61,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU auxiliary_train passes")
     p.add_argument("--gsm8k-epochs", type=int, default=4)
     p.add_argument("--identity-epochs", type=int, default=2)
-    p.add_argument("--identity-path", default=None, help="identity conversations jsonl, path or URL (default: nanochat's)")
+    p.add_argument("--identity-path", default=None, help="identity chats jsonl, path or URL (default: nanochat's)")
     p.add_argument("--simple-spelling-size", type=int, default=200_000)
     p.add_argument("--spelling-bee-size", type=int, default=80_000)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -249,6 +248,11 @@ def main(args):
     if args.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(out_dir, args.resume_from_step, device,
                                                          load_optimizer=True, rank=rank)
+        saved = (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"], len(meta["packer_states"]))
+        if optim_state is None or saved != (seq_len, device_batch, total_batch, world_size):
+            raise NanochatError(f"step {args.resume_from_step} in {out_dir} was saved with seq len, device batch, "
+                                f"total batch, ranks = {saved}, not {(seq_len, device_batch, total_batch, world_size)}:"
+                                " resume with the flags and number of GPUs of the run that saved it")
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         step, progress = meta["step"], meta["loop_state"]["progress"]
@@ -266,8 +270,7 @@ def main(args):
     # ---- the loop: evals and saves see the model after `step` optimizer steps ----
     last_step = False
     val_bpb, chat_scores = None, {}
-    t_start = time.time()
-    start_step = step
+    t_start, start_step, start_progress = time.time(), step, progress
     while True:
         if args.num_iterations > 0:
             last_step = step >= args.num_iterations
@@ -295,11 +298,10 @@ def main(args):
             print0(" | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step" and v is not None))
             log_metrics(metrics_path, **record)
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            states = [None] * world_size
+            states = [packer_state]
             if ddp:
+                states = [None] * world_size
                 dist.all_gather_object(states, packer_state)
-            else:
-                states = [packer_state]
             meta = {"step": step, "val_bpb": val_bpb, "model_config": vars(model.config), "model_tag": model_tag,
                     "user_config": vars(args), "max_seq_len": seq_len, "device_batch_size": device_batch,
                     "total_batch_size": total_batch, "base_step": base_meta["step"], "packer_states": states,
@@ -316,14 +318,13 @@ def main(args):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        train_loss = torch.zeros((), device=device)
-        supervised = 0
+        train_loss, supervised = torch.zeros((), device=device), torch.zeros((), device=device)
         for _ in range(grad_accum):
             inputs, targets, packer_state = next(train_batches)
             loss = sft_loss(train_model, inputs, targets)
             (loss / grad_accum).backward()
             train_loss += loss.detach() / grad_accum
-            supervised += (targets >= 0).sum().item()
+            supervised += (targets >= 0).sum()
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step += 1
@@ -343,13 +344,11 @@ def main(args):
         if not math.isfinite(train_loss):
             raise NanochatError(f"train loss is {train_loss} at step {step}: lower the learning rates")
         dt = time.time() - t0
-        eta = (time.time() - t_start) / (step - start_step) * max(0, (args.num_iterations - step) if
-                                                                   args.num_iterations > 0 else 0)
-        print0(f"step {step:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | "
-               f"progress {progress:.1%} | truncated {packer_state['truncated']} skipped {packer_state['skipped']}"
-               + (f" | eta {eta:.0f}s" if args.num_iterations > 0 else ""))
+        eta = (time.time() - t_start) * (1 - progress) / max(progress - start_progress, 1e-9)
+        print0(f"step {step:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | progress {progress:.1%}"
+               f" | truncated {packer_state['truncated']} skipped {packer_state['skipped']} | eta {eta:.0f}s")
         log_metrics(metrics_path, step=step - 1, loss=train_loss, lrm=lrm, dt=dt, progress=progress,
-                    supervised_tokens=supervised, truncated=packer_state["truncated"],
+                    supervised_tokens=int(supervised.item()), truncated=packer_state["truncated"],
                     skipped=packer_state["skipped"], epoch=packer_state["epoch"])
     print0(f"done: {step} steps, {packer_state['truncated']} conversations truncated to the row, "
            f"{packer_state['skipped']} skipped (nothing to learn after truncation)")

@@ -19,16 +19,20 @@ SFT_STEPS, RL_STEPS = 30, 3
 SFT_FLAGS = ["--mmlu-epochs", "0", "--identity-epochs", "1", "--simple-spelling-size", "300",
              "--spelling-bee-size", "300", "--num-iterations", str(SFT_STEPS), "--device-batch-size", "4",
              "--eval-every", "15", "--eval-tokens", "2048", "--chatcore-every", "1000", "--chatcore-max-cat", "4",
-             "--chatcore-max-sample", "1", "--chatcore-max-new-tokens", "24", "--save-every", "10"]
+             "--chatcore-max-sample", "1", "--chatcore-max-new-tokens", "24", "--save-every", "5",
+             "--init-lr-frac", "0.3"]  # the inherited LRs are tuned for big batches: too hot for 512 tokens
 RL_FLAGS = ["--num-iterations", str(RL_STEPS), "--examples-per-step", "1", "--num-samples", "4",
             "--device-batch-size", "2", "--max-new-tokens", "32", "--eval-every", "3", "--eval-examples", "2",
             "--save-every", "1"]
 EVAL_FLAGS = ["--max-problems", "2", "--max-new-tokens", "24", "--batch-size", "2"]
 
 
-def run_script(base, mirror, script, *args, check=True, timeout=600):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_MIRROR=mirror, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], env=env, cwd=ROOT,
+def run_script(base, mirror, script, *args, check=True, timeout=600, nproc=0):
+    """Run a stage like a user does (under torchrun with `nproc` > 0 processes); returns the process."""
+    # one thread: these models are so small that a second thread only adds synchronization
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_MIRROR=mirror, OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / script), *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -50,7 +54,7 @@ def chain_dir(tmp_path_factory, mirror):
         run_script(root, mirror, "pretrain.py", "--depth", 2, "--max-seq-len", 128, "--device-batch-size", 4,
                    "--total-batch-size", 512, "--num-iterations", 10, "--warmup-steps", 2, "--eval-every", -1,
                    "--core-metric-every", -1, "--sample-every", -1)
-        run_script(root, mirror, "sft.py", *SFT_FLAGS)
+        (root / "sft.log").write_text(run_script(root, mirror, "sft.py", *SFT_FLAGS).stdout)
         run_script(root, mirror, "rl.py", *RL_FLAGS)
         for stage in ("sft", "rl"):
             (root / f"eval_{stage}.log").write_text(
@@ -91,6 +95,7 @@ def test_sft_loss_falls_and_evals_run(chain):
     assert [r["step"] for r in rows if "val_bpb" in r] == [0, 15, 30]
     chatcore = [r for r in rows if "chatcore" in r]
     assert [r["step"] for r in chatcore] == [SFT_STEPS] and chatcore[0]["chatcore"] is not None
+    assert "starting the optimizer fresh" not in (chain / "sft.log").read_text()  # warm start from the base
     meta = json.loads((chain / "chatsft_checkpoints" / "d2" / f"meta_{SFT_STEPS:06d}.json").read_text())
     assert meta["max_seq_len"] == 128 and meta["model_config"]["n_layer"] == 2  # inherited from the base
 

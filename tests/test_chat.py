@@ -57,13 +57,14 @@ def test_interactive_commands_through_a_pipe(tiny_checkpoint):
     assert out.count("Assistant: ") == 2  # stopped at "quit"
 
 
-def test_long_conversation_forgets_oldest_turns(tiny_checkpoint):
+def test_long_conversation_forgets_oldest_turns(tiny_checkpoint, capsys):
     # context 128, 100 reserved for the reply: the second turn cannot keep the first one
     result = run_chat("--max-tokens", "100", "-t", "0", stdin="hello world\nthe fox\n")
     assert result.returncode == 0, result.stderr
     assert "forgot the 1 oldest turn(s)" in result.stderr
-    too_long = run_chat("--max-tokens", "100", "-p", "the quick brown fox " * 20)
-    assert too_long.returncode == 1 and "too long" in too_long.stderr
+    messages = [{"role": "user", "content": "the quick brown fox " * 20}]  # alone longer than 128 - 100
+    assert not chat.answer(tiny_checkpoint, messages, {"max_tokens": 100, "temperature": 0.0, "top_k": 0}, seed=0)
+    assert messages == [] and "too long" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_names_the_fix(base_dir):

@@ -1,8 +1,7 @@
 """CORE (evaluate.py, base section): core.yaml parsing, prompts, continuation spans, scoring on hand-made
 items with a model whose predictions are known, centering, partial bundles, the bundle download."""
 import csv
-import http.server
-import shutil
+import json
 import zipfile
 
 import pytest
@@ -97,7 +96,6 @@ def make_bundle(root, items):
                                     "  label: gone\n  dataset_uri: mc/gone.jsonl\n  num_fewshot: [0]\n"
                                     "  icl_task_type: multiple_choice\n")
     (root / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ngood,50\ngone,25\n")
-    import json
     (root / "eval_data" / "mc" / "good.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
 
 

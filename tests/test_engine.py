@@ -17,13 +17,13 @@ def make_tokenizer():
     return Tokenizer.train(iter(TRAIN_TEXT), 300)  # byte-level for anything rare: emoji split into 4 tokens
 
 
-def make_model(vocab_size, seed=0):
+def make_model(vocab_size, seed=0, device="cpu"):
     """A tiny GPT with weights big enough that its output depends on the context (the default init
     zeroes the projections and makes lm_head almost flat, which would make greedy decoding ties)."""
     from model import GPTConfig, build_gpt
     config = GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SL")
-    model = build_gpt(config, "cpu")
+    model = build_gpt(config, device)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -117,9 +117,23 @@ def test_build_chat_prompt_trims_oldest_turns_keeps_system(tok):
     assert ids == expected + [tok.encode_special("<|assistant_start|>")]
     with pytest.raises(ValueError, match="too long"):
         build_chat_prompt(tok, messages, max_context=12, reserve=10)
+    with pytest.raises(ValueError, match="end with a user message"):
+        build_chat_prompt(tok, messages[:-1], max_context=10_000, reserve=10)
 
 
 # ---- decoding ----
+
+def test_sampling_temperature_top_k_top_p_and_seed():
+    from common import sample_next_token
+    logits = torch.log(torch.tensor([[0.05, 0.6, 0.05, 0.25, 0.05]])).expand(2000, -1)
+    draw = lambda seed, **kw: sample_next_token(logits, torch.Generator().manual_seed(seed), **kw)
+    assert set(draw(0, temperature=0.0).tolist()) == {1}
+    assert set(draw(0, top_k=1).tolist()) == {1} and set(draw(0, top_p=0.5).tolist()) == {1}
+    assert set(draw(0, top_k=2).tolist()) == {1, 3} and set(draw(0, top_p=0.8).tolist()) == {1, 3}
+    assert set(draw(0, top_k=2, top_p=0.5).tolist()) == {1}
+    counts = torch.bincount(draw(0), minlength=5) / 2000
+    assert torch.allclose(counts, logits[0].exp(), atol=0.04)  # plain sampling follows the distribution
+    assert torch.equal(draw(7, temperature=0.8), draw(7, temperature=0.8)) and not torch.equal(draw(7), draw(8))
 
 def test_cached_greedy_matches_uncached(tok):
     model = make_model(tok.get_vocab_size())
@@ -153,7 +167,9 @@ class Scripted(torch.nn.Module):
         return logits
 
 
-def test_tool_call_gets_calculator_output_injected(tok):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_tool_call_gets_calculator_output_injected(tok, device):
     sp = tok.encode_special
     call = [sp("<|python_start|>")] + tok.encode("12*7") + [sp("<|python_end|>")]
     prompt = tok.encode("what is 12*7?", prepend="<|bos|>")
@@ -161,12 +177,13 @@ def test_tool_call_gets_calculator_output_injected(tok):
     def plan(position, logits):  # write the call, then try to end the reply right away
         logits[:, call[position] if position < len(call) else sp("<|assistant_end|>")] += 1000
 
-    engine = Engine(Scripted(make_model(tok.get_vocab_size()), len(prompt), plan), tok)
-    (sequence,), (mask,) = engine.generate_batch(prompt, max_tokens=30, temperature=1.0, top_k=5)
-    reply, reply_mask = sequence[len(prompt):], mask[len(prompt):]
+    engine = Engine(Scripted(make_model(tok.get_vocab_size(), device=device), len(prompt), plan), tok)
+    sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=30, temperature=1.0, top_k=5)
     output = [sp("<|output_start|>")] + tok.encode("84") + [sp("<|output_end|>")]
-    assert reply == call + output  # the model wanted to stop; the engine forced the result in first
-    assert reply_mask == [1] * len(call) + [0] * len(output)
+    for sequence, mask in zip(sequences, masks):
+        reply, reply_mask = sequence[len(prompt):], mask[len(prompt):]
+        assert reply == call + output  # the model wanted to stop; the engine forced the result in first
+        assert mask[:len(prompt)] == [0] * len(prompt) and reply_mask == [1] * len(call) + [0] * len(output)
     assert display_text(tok, reply) == "[calculator: 12*7 = 84]"
 
 

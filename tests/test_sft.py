@@ -1,11 +1,13 @@
 """sft.py: best-fit packing with truncation to the row, NaN-free loss, exact resume, clear errors."""
 import math
+import types
 
+import pytest
 import torch
 
-from common import Tokenizer
+from common import NanochatError, Tokenizer
 from model import GPTConfig, build_gpt
-from sft import new_packer_state, sft_batches, sft_loss
+from sft import new_packer_state, resolve_sizes, sft_batches, sft_loss
 from test_chain import SFT_FLAGS, SFT_STEPS, chain_dir, copy_of, read_jsonl, run_script
 
 WORDS = "the cat sat on a mat while seven dogs ran far away from home and then came back".split()
@@ -67,6 +69,19 @@ def test_loss_without_supervised_tokens_is_zero_not_nan():
     assert math.isclose(sft_loss(model, inputs, targets).item(), per_token[0, 3].item(), rel_tol=1e-5)
 
 
+def test_sizes_come_from_the_base_run_unless_overridden():
+    base_meta = {"max_seq_len": 2048, "device_batch_size": 16, "total_batch_size": 1048576,
+                 "model_config": {"sequence_len": 2048}}
+    flags = dict(max_seq_len=None, device_batch_size=None, total_batch_size=None)
+    assert resolve_sizes(types.SimpleNamespace(**flags), base_meta, 8) == (2048, 16, 1048576, 4)
+    # a smaller micro-batch shape: one micro-batch per step unless a total is given
+    small = dict(flags, max_seq_len=256, device_batch_size=4)
+    assert resolve_sizes(types.SimpleNamespace(**small), base_meta, 1) == (256, 4, 1024, 1)
+    assert resolve_sizes(types.SimpleNamespace(**dict(small, total_batch_size=4096)), base_meta, 1)[3] == 4
+    with pytest.raises(NanochatError, match="--total-batch-size 1000"):
+        resolve_sizes(types.SimpleNamespace(**dict(small, total_batch_size=1000)), base_meta, 1)
+
+
 def test_short_rows_run_a_whole_epoch_without_nan(tmp_path_factory, http_mirror, tmp_path):
     """seq 32 is shorter than most conversations: they are cut, the epoch still ends (no --num-iterations)."""
     base = copy_of(chain_dir(tmp_path_factory, http_mirror), tmp_path / "base")
@@ -83,8 +98,8 @@ def test_resume_gives_the_same_losses(tmp_path_factory, http_mirror, tmp_path):
     chain = chain_dir(tmp_path_factory, http_mirror)
     expected = [r for r in read_jsonl(chain / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
     base = copy_of(chain, tmp_path / "base")
-    # as if the chain's run had been killed after its step-20 checkpoint; evals do not change training
-    run_script(base, http_mirror, "sft.py", *SFT_FLAGS, "--resume-from-step", 20, "--eval-every", -1,
+    # as if the chain's run had been killed after its step-25 checkpoint; evals do not change training
+    run_script(base, http_mirror, "sft.py", *SFT_FLAGS, "--resume-from-step", 25, "--eval-every", -1,
                "--chatcore-every", -1)
     got = [r for r in read_jsonl(base / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in got] == list(range(SFT_STEPS))
@@ -101,3 +116,19 @@ def test_missing_mmlu_split_is_one_clear_line(tmp_path_factory, http_mirror, tmp
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "auxiliary_train" in proc.stderr and "--mmlu-epochs 0" in proc.stderr
+
+
+def test_two_processes_train_and_resume_exactly(tmp_path_factory, http_mirror, tmp_path):
+    """torchrun, 2 CPU ranks (gloo): each rank packs its own stride of the data and saves its packer and
+    optimizer shard; a resume from the middle repeats the losses. (The base has one optimizer shard.)"""
+    base = copy_of(chain_dir(tmp_path_factory, http_mirror), tmp_path / "base")
+    flags = ["--mmlu-epochs", 0, "--identity-epochs", 0, "--simple-spelling-size", 0, "--spelling-bee-size", 0,
+             "--device-batch-size", 2, "--total-batch-size", 512, "--num-iterations", 4, "--save-every", 2,
+             "--eval-every", -1, "--chatcore-every", -1, "--model-tag", "d2"]
+    first = run_script(base, http_mirror, "sft.py", *flags, nproc=2)
+    assert "1 optimizer shard(s) for 2 rank(s)" in first.stdout
+    ckpt = base / "chatsft_checkpoints" / "d2"
+    assert (ckpt / "optim_000004_rank0.pt").exists() and (ckpt / "optim_000004_rank1.pt").exists()
+    expected = [r["loss"] for r in read_jsonl(ckpt / "metrics.jsonl")]
+    run_script(base, http_mirror, "sft.py", *flags, "--resume-from-step", 2, nproc=2)
+    assert [r["loss"] for r in read_jsonl(ckpt / "metrics.jsonl")] == expected and len(expected) == 4
