@@ -61,9 +61,10 @@ def bench_train(args):
           f"chunked loss {gpt.chunked_loss}")
 
     def step():
-        """One training step; returns (forward+backward seconds, optimizer seconds)."""
+        """One training step; returns (forward+backward s, optimizer s, loss, process CPU s). The CPU seconds
+        (all threads) tell the work apart from waiting when other processes share the cores."""
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step_model(x, y)
         loss.backward()
         sync(device)
@@ -71,27 +72,30 @@ def bench_train(args):
         optimizer.step()
         gpt.zero_grad(set_to_none=True)
         sync(device)
-        return t1 - t0, time.perf_counter() - t1, loss.item()
+        return t1 - t0, time.perf_counter() - t1, loss.item(), time.process_time() - c0
 
+    ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE)
     for i in range(args.warmup):
-        fb, opt, loss = step()
+        fb, opt, loss, cpu = step()
         print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), loss {loss:.3f}")
     times = []
     for i in range(args.steps):
-        fb, opt, loss = step()
-        times.append((fb + opt, fb, opt))
-        print(f"step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), loss {loss:.3f}")
-    dt, fb, opt = (statistics.median(t[i] for t in times) for i in range(3))
+        fb, opt, loss, cpu = step()
+        times.append((fb + opt, fb, opt, cpu))
+        print(f"step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s, {cpu:.2f} CPU s), "
+              f"loss {loss:.3f}")
+    dt, fb, opt, cpu = (statistics.median(t[i] for t in times) for i in range(4))
     tok_s = B * T / dt
     achieved = flops_per_token * tok_s / 1e9
-    ceiling = matmul_ceiling(device, model.COMPUTE_DTYPE)
+    ceiling = max(ceiling_before, matmul_ceiling(device, model.COMPUTE_DTYPE))  # best of two: load varies
     peak = common.get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
     mfu = f", MFU {100 * achieved * 1e9 / peak:.1f}%" if peak != float("inf") else ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated on the GPU"
     else:
         memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB max RSS"
-    print(f"median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s) over {len(times)} steps: "
+    print(f"median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s; {cpu:.2f} CPU s) over "
+          f"{len(times)} steps: "
           f"{tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul ceiling {ceiling:.1f} GFLOP/s "
           f"({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it; peak memory {memory}")
 
@@ -119,7 +123,7 @@ import time
 import torch
 
 import common
-from model import build_gpt, config_for_depth
+from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 
 def decode_setup(args):
@@ -130,6 +134,8 @@ def decode_setup(args):
                               vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     device = args.device_type or common.autodetect_device_type()
     model = build_gpt(config, device).eval()
+    if COMPUTE_DTYPE != torch.float32:  # as chat.py does: weights cast once, not in every matmul
+        model.to(COMPUTE_DTYPE)
     num_ranks = args.vocab_size - len(common.SPECIAL_TOKENS)
     ranks = {bytes([i]) if i < 256 else b"\xff" + i.to_bytes(2, "big"): i for i in range(num_ranks)}
     tokenizer = common.Tokenizer.from_ranks(ranks, common.SPLIT_PATTERN)

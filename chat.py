@@ -14,7 +14,10 @@ import argparse
 import contextlib
 import sys
 
+import torch
+
 from common import Engine, NanochatError, Utf8Streamer, build_chat_prompt, compute_init, load_model, reply_to_content
+from model import COMPUTE_DTYPE
 
 HELP = "commands: /clear  /temperature v  /topk v  /help  /quit"
 
@@ -95,7 +98,9 @@ def main():
     args = parse_args()
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation itself
         _, _, _, _, device = compute_init(args.device_type)
-        model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, _ = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    if COMPUTE_DTYPE != torch.float32:  # inference only: cast the fp32 master weights once, not in every matmul
+        model.to(COMPUTE_DTYPE)
     engine = Engine(model, tokenizer)
     settings = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     messages = []

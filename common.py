@@ -7,38 +7,58 @@ Sections, top to bottom:
   2. tokenizer and conversation rendering
   3. downloads (NANOCHAT_MIRROR) and pretraining data
   4. checkpoints
-  5. pretraining dataloader (BOS-aligned best fit)
+  5. pretraining dataloader (BOS-aligned best fit), bits per byte, CORE
   6. tasks (chat datasets) and the code sandbox
   7. inference engine and calculator tool
   8. report card
 """
 
-# =============================================================================================
-# 1. Run setup
-# =============================================================================================
-
+import ast
 import base64
+import bisect
+import codecs
+import collections
 import concurrent.futures
 import contextlib
 import copy
+import csv
+import dataclasses
+import datetime
 import fcntl
 import glob
+import html
 import json
 import logging
+import math
+import operator
 import os
 import pickle
+import platform
+import queue
+import random
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import tiktoken
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+
+# =============================================================================================
+# 1. Run setup
+# =============================================================================================
 
 class NanochatError(SystemExit):
     """A problem the user has to fix (missing file, no network, bad checkpoint), said in one line.
@@ -721,7 +741,7 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
 
 
 # =============================================================================================
-# 5. Pretraining dataloader
+# 5. Pretraining dataloader, bits per byte, CORE
 # =============================================================================================
 
 # (owner: pretraining work)
@@ -733,11 +753,6 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
 # carries a small state (next unread position + the buffered documents' positions) from which the very
 # same batch is rebuilt, so a resumed run continues bit for bit.
 
-import bisect
-import math
-import queue
-
-import numpy as np
 
 # completed greedily during pretraining and by `evaluate.py --eval sample` (§6.5)
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
@@ -874,6 +889,197 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
+# ---- CORE (§8.2): used by evaluate.py and by pretrain.py at --core-metric-every ----
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def parse_core_yaml(text):
+    """The few YAML forms core.yaml uses: a top-level key, "-" list items, `key: value` with a scalar,
+    a double-quoted string or a [list]. (PyYAML is not a dependency for one small file.)"""
+    def scalar(v):
+        v = v.strip()
+        if v.startswith('"'):
+            return json.loads(v)  # YAML double-quoted escapes (\n) read like JSON's
+        if v.startswith("["):
+            return [scalar(x) for x in v[1:-1].split(",") if x.strip()]
+        if v in ("true", "false"):
+            return v == "true"
+        return int(v) if v.lstrip("-").isdigit() else v.strip("'")
+    tasks = []
+    for line in text.splitlines():
+        line = line.split(" #")[0].rstrip()
+        if not line.strip() or line.lstrip().startswith("#") or not line.startswith((" ", "-")):
+            continue  # blank, comment, or a top-level header such as "icl_tasks:"
+        if line.startswith("-"):  # a new task, maybe with its first key on the same line
+            tasks.append({})
+            line = line[1:]
+            if not line.strip():
+                continue
+        key, _, value = line.strip().partition(":")
+        tasks[-1][key.strip()] = scalar(value)
+    return tasks
+
+
+def ensure_eval_bundle():
+    """<base>/eval_bundle, fetched on first use: the zip from the reference's URL, or with NANOCHAT_MIRROR
+    the unpacked files (core.yaml, eval_meta_data.csv, each task file the mirror has)."""
+    bundle = os.path.join(get_base_dir(), "eval_bundle")
+    if os.path.exists(os.path.join(bundle, "core.yaml")):
+        return bundle
+    tmp = tempfile.mkdtemp(dir=get_base_dir(), prefix="eval_bundle.tmp")
+    try:
+        if os.environ.get("NANOCHAT_MIRROR"):
+            for name in ("core.yaml", "eval_meta_data.csv"):
+                download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/{name}"), os.path.join(tmp, name))
+            with open(os.path.join(tmp, "core.yaml")) as f:
+                uris = [task["dataset_uri"] for task in parse_core_yaml(f.read())]
+            for uri in dict.fromkeys(uris):
+                try:
+                    download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/eval_data/{uri}"),
+                                  os.path.join(tmp, "eval_data", uri))
+                except NanochatError as e:  # a mirror may hold only some tasks: CORE is then marked partial
+                    print0(f"eval bundle: {uri} not on the mirror ({e})")
+            for lock in glob.glob(os.path.join(tmp, "**", "*.lock"), recursive=True):
+                os.remove(lock)  # download_file's lock files: not part of the bundle
+            unpacked = tmp
+        else:
+            zip_path = download_file(EVAL_BUNDLE_URL, os.path.join(tmp, "eval_bundle.zip"), desc="eval_bundle.zip")
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(tmp)
+            unpacked = os.path.join(tmp, "eval_bundle")
+        os.replace(unpacked, bundle)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return bundle
+
+
+# ---- CORE (§8.2): prompts as plain strings, few-shot blocks separated by a blank line ----
+
+def render_core_mc(item, delim, shots):
+    """One prompt per choice; the choice is the scored continuation."""
+    head = "".join(f"{s['query']}{delim}{s['choices'][s['gold']]}\n\n" for s in shots)
+    return [f"{head}{item['query']}{delim}{choice}" for choice in item["choices"]]
+
+
+def render_core_schema(item, delim, shots):
+    """One prompt per context option; the shared continuation is scored."""
+    head = "".join(f"{s['context_options'][s['gold']]}{delim}{s['continuation']}\n\n" for s in shots)
+    return [f"{head}{context}{delim}{item['continuation']}" for context in item["context_options"]]
+
+
+def render_core_lm(item, delim, shots):
+    """[prompt without the continuation (stripped), prompt with it]."""
+    head = "".join(f"{s['context'].strip()}{delim}{s['continuation']}\n\n" for s in shots)
+    prompt = f"{head}{item['context'].strip()}{delim}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+def continuation_spans(task_type, token_lists):
+    """(start, end) of the scored tokens in each prompt: after the common prefix (MC), the common
+    suffix (schema), or after the prompt without continuation (LM, which is one scored sequence)."""
+    if task_type == "language_modeling":
+        without, with_ = token_lists
+        if with_[:len(without)] != without:
+            raise ValueError("LM prompt without the continuation does not tokenize as a prefix of the full one")
+        return [(len(without), len(with_))]
+    if task_type == "multiple_choice":
+        n = 0
+        while all(len(t) > n for t in token_lists) and len({t[n] for t in token_lists}) == 1:
+            n += 1
+        return [(n, len(t)) for t in token_lists]
+    n = 0
+    while all(len(t) > n for t in token_lists) and len({t[-1 - n] for t in token_lists}) == 1:
+        n += 1
+    return [(len(t) - n, len(t)) for t in token_lists]
+
+
+@torch.no_grad()
+def score_example(model, token_lists, spans, task_type, gold, pad_id):
+    """One forward over all prompts (right-padded). MC/schema: is the gold option the one with the lowest
+    mean loss over its span? LM: does greedy prediction reproduce the continuation exactly?"""
+    width = max(len(t) for t in token_lists)
+    rows = [t + [pad_id] * (width - len(t)) for t in token_lists]
+    ids = torch.tensor(rows, dtype=torch.long, device=model.get_device())
+    logits = model(ids)
+    if task_type == "language_modeling":
+        start, end = spans[0]
+        return bool((logits[0, start - 1:end - 1].argmax(-1) == ids[0, start:end]).all())
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # loss of token t+1
+    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    return min(range(len(mean_losses)), key=mean_losses.__getitem__) == gold
+
+
+def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
+    """Accuracy on one task; examples strided over ranks, counts summed. Prompts longer than the model's
+    rotary table are cut from the left (the reference never needs to: its table is 10x the context)."""
+    task_type, delim, num_shots = task["icl_task_type"], task.get("continuation_delimiter", " "), task["num_fewshot"][0]
+    render = {"multiple_choice": render_core_mc, "schema": render_core_schema, "language_modeling": render_core_lm}[task_type]
+    bos = tokenizer.get_bos_token_id()
+    max_len = model.rotary_len
+    correct = torch.zeros(len(data), dtype=torch.float32, device=model.get_device())
+    for idx in range(rank, len(data), world_size):
+        others = [i for i in range(len(data)) if i != idx]
+        shots = [data[i] for i in random.Random(1234 + idx).sample(others, min(num_shots, len(others)))]
+        token_lists = tokenizer.encode(render(data[idx], delim, shots), prepend=bos)
+        spans = continuation_spans(task_type, token_lists)
+        if task_type == "language_modeling":
+            token_lists = token_lists[1:]  # only the full prompt is scored
+        cut = [max(0, len(t) - max_len) for t in token_lists]
+        token_lists = [t[c:] for t, c in zip(token_lists, cut)]
+        spans = [(s - c, e - c) for (s, e), c in zip(spans, cut)]
+        correct[idx] = float(score_example(model, token_lists, spans, task_type, data[idx].get("gold"), bos))
+    if world_size > 1:
+        dist.all_reduce(correct)
+    return correct.mean().item()
+
+
+def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_size=1):
+    """CORE: mean over tasks of accuracy centered on the random baseline. Tasks whose data file is missing
+    are skipped and named; the result is then marked partial. Returns a dict (results, centered, core...)."""
+    if bundle is None:
+        if rank == 0:  # one download; the other ranks wait for it
+            ensure_eval_bundle()
+        if world_size > 1:
+            dist.barrier()
+        bundle = ensure_eval_bundle()
+    with open(os.path.join(bundle, "core.yaml")) as f:
+        tasks = parse_core_yaml(f.read())
+    with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    results, centered, missing = {}, {}, []
+    for task in tasks:
+        label, path = task["label"], os.path.join(bundle, "eval_data", task["dataset_uri"])
+        if not os.path.exists(path):
+            print0(f"CORE: skipping {label}, data file missing: {path}")
+            missing.append(label)
+            continue
+        with open(path) as f:
+            data = [json.loads(line) for line in f if line.strip()]
+        random.Random(1337).shuffle(data)
+        data = data[:max_per_task] if max_per_task > 0 else data
+        t0 = time.time()
+        results[label] = evaluate_core_task(model, tokenizer, data, task, rank, world_size)
+        baseline = 0.01 * baselines[label]
+        centered[label] = (results[label] - baseline) / (1.0 - baseline)
+        print0(f"{label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
+               f"({len(data)} examples, {time.time() - t0:.1f}s)")
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered_results": centered, "core_metric": core,
+            "missing": missing, "partial": bool(missing)}
+
+
+def write_core_csv(path, core):
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Task", "Accuracy", "Centered"])
+        for label, acc in core["results"].items():
+            writer.writerow([label, f"{acc:.6f}", f"{core['centered_results'][label]:.6f}"])
+        writer.writerow(["CORE", "", f"{core['core_metric']:.6f}"])
+        if core["partial"]:
+            writer.writerow(["partial: missing " + " ".join(core["missing"]), "", ""])
+
+
 # =============================================================================================
 # 6. Tasks and the code sandbox
 # =============================================================================================
@@ -884,15 +1090,6 @@ def evaluate_bpb(model, batches, steps, token_bytes):
 # switches every source to the layout of shared/data (see source_for in section 3).
 # HumanEval answers are graded by running them in a sandboxed subprocess (execute_code, at the end).
 
-import dataclasses
-import math
-import random
-import signal
-import subprocess
-import tempfile
-
-import numpy as np
-import pyarrow as pa
 
 HF_HUB = "https://huggingface.co"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -1604,14 +1801,7 @@ def chatcore(accuracies, names=tuple(CHAT_TASKS)):
 # Sampling with a KV cache (prefill once, decode many rows), the calculator tool the model may call
 # with <|python_start|>expr<|python_end|>, and the helpers chat front-ends share: the prompt builder
 # that trims long conversations, and a streamer that turns tokens into safe, readable text.
-import ast
-import codecs
-import collections
-import operator
-import time
 
-import torch
-import torch.nn.functional as F
 
 CALC_MAX_CHARS = 256      # a longer "expression" is not arithmetic a model needs
 CALC_MAX_BITS = 1024      # ints are capped at 2**1024 (~308 digits): no huge powers or products
@@ -1899,11 +2089,6 @@ def reply_to_content(tokenizer, tokens):
 #   generate_report(copy_to=".") -> path                 <base>/report/report.md + report_curves.svg
 # Sections are plain markdown files, so a crashed stage leaves the others intact and a re-run of one
 # stage simply overwrites its own file; generate_report() only stitches them together.
-import datetime
-import html
-import math
-import platform
-import subprocess
 
 REPORT_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
                 "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from model import COMPUTE_DTYPE, GPT, build_gpt, config_for_depth
 from common import (SAMPLE_PROMPTS, NanochatError, atomic_write, bestfit_batches, checkpoint_dir, compute_cleanup,
-                    compute_init, evaluate_bpb, get_peak_flops, get_token_bytes, get_tokenizer, load_checkpoint,
+                    compute_init, evaluate_bpb, evaluate_core, get_peak_flops, get_token_bytes, get_tokenizer, load_checkpoint,
                     log_metrics, print0, report_section, save_checkpoint, split_files)
 
 B_REF = 2 ** 19  # tokens per step of the reference model (d12) from which batch size, LR and WD transfer
@@ -209,6 +209,7 @@ def main(argv=None):
         model = None  # free it while probing
         device_batch_size = find_device_batch_size(config, total // (T * world_size), device)
         print0(f"--device-batch-size auto: {device_batch_size} sequences fit on {torch.cuda.get_device_name()}")
+        torch.manual_seed(42)  # the probes drew from the RNG: initialize exactly as with a given batch size
         model = build_gpt(config, device)
     else:
         device_batch_size = int(args.device_batch_size)
@@ -266,12 +267,12 @@ def main(argv=None):
                                                 ("min_val_bpb", "smooth_train_loss", "total_training_time"))
         del model_state, optim_state
         print0(f"resumed from step {step} of {ckpt_dir}")
-    if master:  # metrics of steps from a later point of an abandoned run would mislead: drop them
+    if master:  # rows from beyond the resume point (or a line cut by a kill) would mislead: drop them
         os.makedirs(ckpt_dir, exist_ok=True)
         kept = []
         if step > 0 and os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] < step]
+                kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] < step]
         with atomic_write(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -293,8 +294,7 @@ def main(argv=None):
             record["val_bpb"] = val_bpb
             print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            import evaluate  # CORE lives with the evaluation code; imported only when a CORE step comes up
-            core = evaluate.evaluate_core(orig_model, tokenizer, args.core_metric_max_per_task, rank=rank,
+            core = evaluate_core(orig_model, tokenizer, args.core_metric_max_per_task, rank=rank,
                                           world_size=world_size)
             record["core_metric"] = core["core_metric"]
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}" + (" (partial)" if core["partial"] else ""))

@@ -18,6 +18,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"   # the repository; report.md lands in the current directory
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export PYTHONUNBUFFERED=1   # stage output reaches the terminal and the logs as it happens
 SR="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$SR"
 say() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
@@ -51,13 +52,16 @@ case "$PRESET" in
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
-  cpu)
+  cpu)  # sized on 2 cores: ~7 min of pretraining, ~2 of SFT, a few RL steps, evals on a few problems per task
     DEPTH="${DEPTH:-4}"; SHARDS=4
     TOK="--vocab-size 4096 --max-chars 20000000"
-    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600
-      --window-pattern L --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --sample-every -1"
-    BASE_EVAL="--max-per-task 16 --split-tokens 65536 --device-batch-size 16"
-    SFT="--num-iterations 100 --eval-every 50 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0"
+    # 4x the reference LRs: with only a few hundred small steps, the batch-size scaling alone learns too slowly
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 360
+      --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032 --scalar-lr 2
+      --eval-every 60 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
+    BASE_EVAL="--max-per-task 8 --split-tokens 32768 --device-batch-size 8"
+    SFT="--num-iterations 100 --eval-every 50 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0
+      --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     RL="--num-iterations 5 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
       --eval-every 5 --eval-examples 8"
     CHAT_EVAL="--max-problems 16 --max-new-tokens 64" ;;

@@ -1,4 +1,4 @@
-"""CORE (evaluate.py, base section): core.yaml parsing, prompts, continuation spans, scoring on hand-made
+"""CORE (common.py, used by evaluate.py and pretrain.py): core.yaml parsing, prompts, continuation spans, scoring on hand-made
 items with a model whose predictions are known, centering, partial bundles, the bundle download."""
 import csv
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import evaluate
+import common
 from common import Tokenizer
 from conftest import serve_directory
 
@@ -36,7 +36,7 @@ def test_parse_core_yaml():
     text = 'icl_tasks:\n-\n  label: jeopardy\n  dataset_uri: world_knowledge/jeopardy_all.jsonl\n' \
            '  num_fewshot: [10]\n  icl_task_type: language_modeling\n  continuation_delimiter: "\\nAnswer: "\n' \
            '  has_categories: true\n-\n  label: copa\n  num_fewshot: [0]\n  icl_task_type: multiple_choice\n'
-    tasks = evaluate.parse_core_yaml(text)
+    tasks = common.parse_core_yaml(text)
     assert tasks == [
         {"label": "jeopardy", "dataset_uri": "world_knowledge/jeopardy_all.jsonl", "num_fewshot": [10],
          "icl_task_type": "language_modeling", "continuation_delimiter": "\nAnswer: ", "has_categories": True},
@@ -44,7 +44,7 @@ def test_parse_core_yaml():
 
 
 def test_parse_real_core_yaml(shared_data):
-    tasks = evaluate.parse_core_yaml((shared_data / "eval_bundle" / "core.yaml").read_text())
+    tasks = common.parse_core_yaml((shared_data / "eval_bundle" / "core.yaml").read_text())
     assert len(tasks) == 22
     by_label = {t["label"]: t for t in tasks}
     assert by_label["arc_easy"]["continuation_delimiter"] == "\nAnswer: "
@@ -53,23 +53,23 @@ def test_parse_real_core_yaml(shared_data):
 
 def test_prompts():
     shot = {"query": "Q1", "choices": ["x", "y"], "gold": 1}
-    assert evaluate.render_mc({"query": "Q2", "choices": ["a", "b"]}, " A: ", [shot]) == \
+    assert common.render_core_mc({"query": "Q2", "choices": ["a", "b"]}, " A: ", [shot]) == \
         ["Q1 A: y\n\nQ2 A: a", "Q1 A: y\n\nQ2 A: b"]
     shot = {"context_options": ["c1", "c2"], "continuation": "k", "gold": 0}
-    assert evaluate.render_schema({"context_options": ["o1", "o2"], "continuation": "end"}, " ", [shot]) == \
+    assert common.render_core_schema({"context_options": ["o1", "o2"], "continuation": "end"}, " ", [shot]) == \
         ["c1 k\n\no1 end", "c1 k\n\no2 end"]
     shot = {"context": "  ctx1 ", "continuation": "ans1"}
-    assert evaluate.render_lm({"context": "ctx2 ", "continuation": "ans2"}, "\nAnswer: ", [shot]) == \
+    assert common.render_core_lm({"context": "ctx2 ", "continuation": "ans2"}, "\nAnswer: ", [shot]) == \
         ["ctx1\nAnswer: ans1\n\nctx2\nAnswer:", "ctx1\nAnswer: ans1\n\nctx2\nAnswer: ans2"]
 
 
 def test_continuation_spans():
-    assert evaluate.continuation_spans("multiple_choice", [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7]]) == \
+    assert common.continuation_spans("multiple_choice", [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7]]) == \
         [(2, 4), (2, 3), (2, 5)]
-    assert evaluate.continuation_spans("schema", [[1, 2, 8, 9], [3, 8, 9]]) == [(2, 4), (1, 3)]
-    assert evaluate.continuation_spans("language_modeling", [[1, 2], [1, 2, 3, 4]]) == [(2, 4)]
+    assert common.continuation_spans("schema", [[1, 2, 8, 9], [3, 8, 9]]) == [(2, 4), (1, 3)]
+    assert common.continuation_spans("language_modeling", [[1, 2], [1, 2, 3, 4]]) == [(2, 4)]
     with pytest.raises(ValueError):
-        evaluate.continuation_spans("language_modeling", [[1, 5], [1, 2, 3]])
+        common.continuation_spans("language_modeling", [[1, 5], [1, 2, 3]])
 
 
 @pytest.mark.parametrize("task_type,items,expected", [
@@ -86,7 +86,7 @@ def test_continuation_spans():
 def test_scoring_hand_made_items(byte_tokenizer, task_type, items, expected):
     model = NextByteModel(byte_tokenizer.get_vocab_size())
     task = {"icl_task_type": task_type, "num_fewshot": [0], "continuation_delimiter": ""}
-    assert evaluate.evaluate_core_task(model, byte_tokenizer, items, task) == pytest.approx(expected)
+    assert common.evaluate_core_task(model, byte_tokenizer, items, task) == pytest.approx(expected)
 
 
 def make_bundle(root, items):
@@ -104,11 +104,11 @@ def test_core_centered_and_partial(tmp_path, byte_tokenizer):
     right = {"query": "ab", "choices": ["cde", "zzz"], "gold": 0}
     items = [right, right, right, {**right, "gold": 1}]
     make_bundle(tmp_path, items)
-    core = evaluate.evaluate_core(NextByteModel(byte_tokenizer.get_vocab_size()), byte_tokenizer, bundle=str(tmp_path))
+    core = common.evaluate_core(NextByteModel(byte_tokenizer.get_vocab_size()), byte_tokenizer, bundle=str(tmp_path))
     assert core["results"] == {"good": pytest.approx(0.75)}
     assert core["core_metric"] == pytest.approx(0.5)
     assert core["partial"] and core["missing"] == ["gone"]
-    evaluate.write_core_csv(tmp_path / "out.csv", core)
+    common.write_core_csv(tmp_path / "out.csv", core)
     rows = list(csv.reader(open(tmp_path / "out.csv")))
     assert rows[0] == ["Task", "Accuracy", "Centered"] and rows[2][0] == "CORE" and "gone" in rows[3][0]
 
@@ -116,10 +116,10 @@ def test_core_centered_and_partial(tmp_path, byte_tokenizer):
 def test_bundle_from_mirror_and_real_sample(base_dir, http_mirror, monkeypatch, byte_tokenizer):
     """Under NANOCHAT_MIRROR the unpacked files are fetched; the sample lacks squad and coqa -> partial CORE."""
     monkeypatch.setenv("NANOCHAT_MIRROR", http_mirror)
-    bundle = evaluate.ensure_eval_bundle()
+    bundle = common.ensure_eval_bundle()
     assert (base_dir / "eval_bundle" / "core.yaml").exists()
     assert not list((base_dir / "eval_bundle").rglob("*.lock")) and len(list(base_dir.iterdir())) == 1
-    core = evaluate.evaluate_core(NextByteModel(byte_tokenizer.get_vocab_size()), byte_tokenizer, max_per_task=3,
+    core = common.evaluate_core(NextByteModel(byte_tokenizer.get_vocab_size()), byte_tokenizer, max_per_task=3,
                                   bundle=bundle)
     assert sorted(core["missing"]) == ["coqa", "squad"] and len(core["results"]) == 20
     assert all(0.0 <= acc <= 1.0 for acc in core["results"].values())
@@ -135,8 +135,8 @@ def test_bundle_zip_download(base_dir, shared_data, tmp_path, monkeypatch):
                 z.write(path, "eval_bundle/" + str(path.relative_to(shared_data / "eval_bundle")))
     server, url = serve_directory(staging)
     try:
-        monkeypatch.setattr(evaluate, "EVAL_BUNDLE_URL", url + "/eval_bundle.zip")
-        bundle = evaluate.ensure_eval_bundle()
+        monkeypatch.setattr(common, "EVAL_BUNDLE_URL", url + "/eval_bundle.zip")
+        bundle = common.ensure_eval_bundle()
     finally:
         server.shutdown()
     assert (base_dir / "eval_bundle" / "eval_data" / "world_knowledge" / "arc_easy.jsonl").exists()

@@ -17,6 +17,15 @@ from model import GPT, GPTConfig, KVCache, MuonAdamW, attention, build_gpt, conf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and on a busy machine a second thread's wake-up latency dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**kw):
     cfg = dict(sequence_len=256, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, window_pattern="SL")
     cfg.update(kw)
@@ -323,6 +332,7 @@ def test_standalone_model_py_trains_in_empty_dir(tmp_path):
         assert losses[-1] < 0.5 * losses[0], losses
     """ % str(tmp_path))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NANOCHAT_DTYPE")}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -351,7 +361,7 @@ def test_bad_input_gives_clear_errors():
 
 def test_compute_dtype_override_and_bad_value():
     code = "import model; print(model.COMPUTE_DTYPE)"
-    env = dict(os.environ, NANOCHAT_DTYPE="bfloat16", PYTHONPATH=ROOT)
+    env = dict(os.environ, NANOCHAT_DTYPE="bfloat16", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "torch.bfloat16", out.stderr
     env["NANOCHAT_DTYPE"] = "fp8"

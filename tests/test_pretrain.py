@@ -21,7 +21,7 @@ from conftest import ROOT
 TINY = ["--depth", "2", "--head-dim", "64", "--max-seq-len", "128", "--device-batch-size", "4",
         "--total-batch-size", "1024", "--num-iterations", "20", "--eval-every", "10", "--eval-tokens", "4096",
         "--core-metric-every", "-1", "--sample-every", "-1", "--warmup-steps", "0", "--save-every", "10",
-        "--matrix-lr", "0.5", "--unembedding-lr", "0.2", "--embedding-lr", "3"]
+        "--matrix-lr", "0.5", "--unembedding-lr", "0.2", "--embedding-lr", "3", "--device-type", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,8 @@ def test_exact_resume_after_sigkill(tiny_base, reference_run):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    with open(ckpt / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "lo')  # as if the kill had landed mid-write
     run([sys.executable, "pretrain.py", *TINY, "--model-tag", "killed", "--resume-from-step", "10"], tiny_base)
     resumed = metrics(tiny_base, "killed")
     assert [r["step"] for r in resumed] == list(range(21))
@@ -114,16 +116,34 @@ def test_two_nodes_c10d_same_losses(tiny_base, reference_run):
     assert losses(metrics(tiny_base, "nodes")) == pytest.approx(losses(reference_run), rel=1e-4)
 
 
-def test_evaluate_base_on_checkpoint(tiny_base, reference_run, http_mirror):
-    proc = run([sys.executable, "evaluate.py", "--stage", "base", "--eval", "bpb,core,sample", "--model-tag", "ref",
-                "--max-per-task", "2", "--device-batch-size", "4", "--split-tokens", "1024"], tiny_base,
-               NANOCHAT_MIRROR=http_mirror)
-    out = proc.stdout
+EVAL = ["evaluate.py", "--stage", "base", "--model-tag", "ref", "--max-per-task", "2", "--device-batch-size", "4",
+        "--split-tokens", "1024", "--device-type", "cpu"]
+
+
+def core_of(stdout):
+    return float(stdout.split("CORE metric: ")[1].split()[0])
+
+
+@pytest.fixture(scope="module")
+def base_eval_output(tiny_base, reference_run, http_mirror):
+    return run([sys.executable, *EVAL, "--eval", "bpb,core,sample"], tiny_base, NANOCHAT_MIRROR=http_mirror).stdout
+
+
+def test_evaluate_base_on_checkpoint(tiny_base, reference_run, base_eval_output):
+    out = base_eval_output
     val_bpb = float(out.split("val bpb: ")[1].split()[0])
     assert val_bpb == pytest.approx(reference_run[-1]["val_bpb"], rel=0.2)  # fewer tokens than in training
     assert "train bpb: " in out and "partial: 20 of 22 tasks, missing squad, coqa" in out
     assert "'The capital of France is" in out
     assert (tiny_base / "base_eval" / "base_model_000020.csv").exists()
+
+
+def test_evaluate_base_under_torchrun(tiny_base, base_eval_output, http_mirror):
+    """Examples strided over 2 ranks and summed: the same CORE as one process."""
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *EVAL,
+                "--eval", "core,bpb"], tiny_base, NANOCHAT_MIRROR=http_mirror)
+    assert core_of(proc.stdout) == pytest.approx(core_of(base_eval_output), abs=1e-6)
+    assert "val bpb: " in proc.stdout
 
 
 @pytest.mark.parametrize("flags,needs,message", [
@@ -154,7 +174,7 @@ def test_bad_input_exits_without_traceback(tiny_base):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="--device-batch-size auto probes GPU memory")
 def test_auto_device_batch_size(tiny_base):
     proc = run([sys.executable, "pretrain.py", *TINY, "--device-batch-size", "auto", "--total-batch-size", "65536",
-                "--num-iterations", "2", "--model-tag", "auto"], tiny_base)
+                "--num-iterations", "2", "--model-tag", "auto", "--device-type", "cuda", "--no-compile"], tiny_base)
     chosen = int(proc.stdout.split("--device-batch-size auto: ")[1].split()[0])
     assert chosen & (chosen - 1) == 0 and 1 <= chosen <= 512
 
