@@ -43,6 +43,8 @@ def bench_train(args):
     device = torch.device(args.device_type or common.autodetect_device_type())
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.no_keep_freed_memory:
+        model.keep_freed_memory()  # what a CPU training script should do too (see model.keep_freed_memory)
     torch.manual_seed(42)
     config = model.config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
                                     vocab_size=args.vocab_size, window_pattern=args.window_pattern)
@@ -58,7 +60,7 @@ def bench_train(args):
           f"vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} params, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
           f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
-          f"chunked loss {gpt.chunked_loss}")
+          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}")
 
     def step():
         """One training step; returns (forward+backward s, optimizer s, loss, process CPU s). The CPU seconds
@@ -77,7 +79,8 @@ def bench_train(args):
     ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE)
     for i in range(args.warmup):
         fb, opt, loss, cpu = step()
-        print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), loss {loss:.3f}")
+        print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), "
+              f"loss {loss:.3f}")
     times = []
     for i in range(args.steps):
         fb, opt, loss, cpu = step()
@@ -112,6 +115,7 @@ def add_train_parser(sub):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as pretrain.py --compile)")
     p.add_argument("--no-chunked-loss", action="store_true", help="materialize the full logits (the reference way)")
+    p.add_argument("--no-keep-freed-memory", action="store_true", help="leave glibc's malloc settings alone")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_train)

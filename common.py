@@ -2174,7 +2174,12 @@ def find_metrics_files(base_dir):
     found = []
     for depth in range(1, 4):
         found += glob.glob(os.path.join(base_dir, *["*"] * depth, "metrics.jsonl"))
-    return sorted(found)
+    families = list(CHECKPOINT_DIRS.values())  # pipeline order: base, sft, rl, then anything else
+
+    def pipeline_order(path):
+        family = os.path.relpath(path, base_dir).split(os.sep)[0]
+        return (families.index(family) if family in families else len(families), path)
+    return sorted(found, key=pipeline_order)
 
 
 def metrics_label(path, base_dir):
@@ -2306,8 +2311,8 @@ def generate_report(copy_to="."):
              f"- estimated cost: ${total_s / 3600 * hourly:.2f} (${hourly:.2f}/h)", "",
              "## Summary", "", summary_table(sections), ""]
     if times:
-        lines += ["## Wall time per stage", "", "| stage | minutes |", "|---|---|"]
-        lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in times] + [""]
+        lines += ["## Wall time per stage", "", "| stage | wall time |", "|---|---|"]
+        lines += [f"| {stage} | {int(seconds) // 60}:{int(seconds) % 60:02d} |" for stage, seconds in times] + [""]
     lines += ["## Curves", "", "![train loss and val bpb per stage](report_curves.svg)", ""]
     for slug in slugs:
         with open(os.path.join(out_dir, slug + ".md"), encoding="utf-8") as f:

@@ -38,7 +38,8 @@ fi
 PY="${PYTHON:-python3}"
 
 # ---- preset from the hardware ----------------------------------------------------------------------
-HW=$($PY -c "import torch; print(torch.cuda.device_count(), int(torch.backends.mps.is_available()))")
+HW=$($PY -c "import torch; print(torch.cuda.device_count(), int(torch.backends.mps.is_available()))") || {
+  echo "speedrun: $PY cannot import torch: install requirements.txt into it, or run without NO_VENV" >&2; exit 1; }
 read -r NGPU HAS_MPS <<< "$HW"
 if [ -z "${PRESET:-}" ]; then
   if [ "$NGPU" -ge 8 ]; then PRESET=gpu8; elif [ "$NGPU" -ge 1 ]; then PRESET=gpu; else PRESET=cpu; fi
@@ -52,19 +53,19 @@ case "$PRESET" in
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
-  cpu)  # sized on 2 cores: ~7 min of pretraining, ~2 of SFT, a few RL steps, evals on a few problems per task
+  cpu)  # ~10 min on an idle 2-core machine: ~6 of pretraining, ~2 of SFT, a few RL steps, evals on a sample
     DEPTH="${DEPTH:-4}"; SHARDS=4
     TOK="--vocab-size 4096 --max-chars 20000000"
     # 4x the reference LRs: with only a few hundred small steps, the batch-size scaling alone learns too slowly
-    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 360
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 900
       --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032 --scalar-lr 2
-      --eval-every 60 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
-    BASE_EVAL="--max-per-task 8 --split-tokens 32768 --device-batch-size 8"
-    SFT="--num-iterations 100 --eval-every 50 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0
+      --eval-every 150 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
+    BASE_EVAL="--max-per-task 12 --split-tokens 32768 --device-batch-size 8"
+    SFT="--num-iterations 250 --eval-every 125 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0
       --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
-    RL="--num-iterations 5 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
-      --eval-every 5 --eval-examples 8"
-    CHAT_EVAL="--max-problems 16 --max-new-tokens 64" ;;
+    RL="--num-iterations 10 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
+      --eval-every 10 --eval-examples 8"
+    CHAT_EVAL="--max-problems 24 --max-new-tokens 64" ;;
   micro)
     DEPTH="${DEPTH:-2}"; SHARDS=1
     TOK="--vocab-size 512 --max-chars 2000000"

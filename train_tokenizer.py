@@ -17,7 +17,7 @@ import time
 import pyarrow.parquet as pq
 
 from common import (Tokenizer, download_shard, download_shards, get_base_dir, num_source_shards, print0,
-                    shard_path)
+                    report_section, shard_path)
 
 PROSE = """The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps out of
 habit: one hundred and twelve. From the gallery he could see the fishing boats returning, their lamps
@@ -104,6 +104,10 @@ def main():
     if prefetch is not None:
         print0("waiting for the background shard downloads...")
         prefetch.result()
+    val_text = first_row_group_text(val_path)
+    report_section("Tokenizer training", {
+        "vocab size": tokenizer.get_vocab_size(), "max characters": args.max_chars, "document cap": args.doc_cap,
+        "training time (s)": train_time, "val bytes per token": len(val_text.encode()) / len(tokenizer.encode(val_text))})
 
 
 if __name__ == "__main__":

@@ -197,6 +197,20 @@ def test_chunked_loss_equals_plain_cross_entropy():
         torch.testing.assert_close(gpt(idx, targets, loss_reduction="sum"), manual.sum())
 
 
+def test_softcap_cross_entropy_in_many_chunks():
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, requires_grad=True)
+    w = (torch.randn(70, 16) * 3).requires_grad_()  # large logits: the softcap matters
+    targets = torch.randint(0, 70, (50,))
+    targets[::9] = -1
+    loss = model.softcap_cross_entropy(x, w, targets, chunk_rows=7)
+    grads = torch.autograd.grad(loss * 2, (x, w))
+    ref = F.cross_entropy(model.softcap(x @ w.t()), targets, ignore_index=-1)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref * 2, (x, w))):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
 # ---- KV cache --------------------------------------------------------------------------------------------------
 
 def cache_for(gpt, batch_size, seq_len):

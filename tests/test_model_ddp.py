@@ -15,7 +15,7 @@ TRAIN = textwrap.dedent("""
     import model
 
     def train(micro_batches, steps=3):
-        # returns the weights before the first step and after each step; the loss of each micro-batch is scaled for an average
+        # the weights before the first step and after each one; micro-batch losses are averaged
         torch.manual_seed(42)
         # 3 layers: odd Muon group sizes (padding), vocab 100 -> 128 rows (sharded AdamW), small scalars (all-reduce)
         config = model.GPTConfig(sequence_len=32, vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=32)

@@ -53,6 +53,7 @@ def test_report_sections_summary_and_curves(base_dir, tmp_path):
     assert pathlib.Path(path) == base_dir / "report" / "report.md"
     assert (tmp_path / "report.md").read_text() == report and (tmp_path / "report_curves.svg").exists()
     assert "total wall time: 10.0 min (600 s over 2 stages)" in report
+    assert "| tokenizer | 1:00 |\n| pretrain | 9:00 |" in report  # per stage, in the order they ran
     assert "estimated cost: $0.00" in report and f"{os.cpu_count()} cores" in report
     assert re.search(r"git commit: [0-9a-f]{7}", report)
     # summary: each figure in its column, '-' where a stage did not report it, rows in SUMMARY_METRICS order
