@@ -105,7 +105,7 @@ def _sliding_window_attention(q, k, v, window):
     c = max(window, 64)
     n = -(-T // c)
     pad = n * c - T
-    q = F.pad(q, (0, 0, 0, pad)).view(B * H, n, c, hd)
+    q = F.pad(q, (0, 0, 0, pad)).reshape(B * H, n, c, hd)
     k, v = (F.pad(t, (0, 0, window, pad)).unfold(2, c + window, c).transpose(-1, -2).reshape(B * H, n, c + window, hd)
             for t in (k, v))
     a = torch.arange(c, device=q.device)[:, None]               # query offset inside its block
