@@ -855,7 +855,8 @@ def bestfit_batches(tokenizer, B, T, split, device="cpu", stream=0, num_streams=
     device = torch.device(device)
     out, stop = queue.Queue(maxsize=prefetch), threading.Event()
     args = (tokenizer, B, T, files, stream, num_streams, state, buffer_size, tokenizer_threads)
-    threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True).start()
+    worker = threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True)
+    worker.start()
     try:
         while True:
             item = out.get()
@@ -865,7 +866,9 @@ def bestfit_batches(tokenizer, B, T, split, device="cpu", stream=0, num_streams=
             both = both.to(device, non_blocking=True)
             yield both[0], both[1], batch_state
     finally:
+        # join, so that no thread is still inside the tokenizer when the interpreter exits (that aborts it)
         stop.set()
+        worker.join(timeout=30)
 
 
 @torch.no_grad()
