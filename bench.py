@@ -120,13 +120,7 @@ def add_train_parser(sub):
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_train)
 
-# ---- decode (owner: model work, then engine work) ----
-import statistics
-import time
-
-import torch
-
-import common
+# ---- decode ----
 from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 
@@ -227,12 +221,9 @@ def add_decode_parser(sub):
 # ---- tokenize (owner: tokenizer work) ----
 import glob
 import os
-import time
 
 import pyarrow.parquet as pq
 import rustbpe
-
-import common
 
 
 def shard_docs(path, doc_cap=None):
