@@ -148,6 +148,7 @@ class StopSometimes(torch.nn.Module):
     def __init__(self, model, end_token):
         super().__init__()
         self.model, self.config, self.end_token = model, model.config, end_token
+        self.get_device, self.new_kv_cache = model.get_device, model.new_kv_cache
 
     def forward(self, idx, kv_cache=None):
         logits = self.model(idx, kv_cache=kv_cache)
@@ -313,7 +314,7 @@ def bench_serve(args):
     port = server.server_address[1]
     text = "hello" * max(1, args.prompt_tokens // len(tokenizer.encode(" hello")))  # ~--prompt-tokens tokens
     messages = [{"role": "user", "content": text.replace("hello", " hello")[:serve.MAX_MESSAGE_CHARS]}]
-    prompt, _ = common.build_chat_prompt(tokenizer, messages, model.config.sequence_len, args.decode_tokens)
+    prompt = common.build_chat_prompt(tokenizer, messages, model.config.sequence_len, args.decode_tokens)[0]
     print(f"model: {model.config}; device {replica.device}, {torch.get_num_threads()} threads; prompt {len(prompt)} "
           f"tokens; replies of {args.decode_tokens} tokens; {args.clients} client(s) at once; median of {args.repeats}")
 

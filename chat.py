@@ -6,7 +6,7 @@
 
 Runs on the CPU, Apple MPS or one GPU (picked automatically, or --device-type cpu|mps|cuda).
 The reply streams as it is generated; calculator calls show as [calculator: 2+3 = 5].
-Commands: /clear (new conversation), /temperature v, /topk v (0 = off), /help, /quit (also quit, exit).
+Commands: /clear (new conversation), /temperature v, /topk v (0 = off), /maxtokens n, /help, /quit (also quit, exit).
 Ctrl-C during a reply stops that reply; Ctrl-C or Ctrl-D at the prompt leaves.
 A conversation longer than the model's context loses its oldest turns (you are told when).
 """
@@ -16,26 +16,24 @@ import sys
 
 import torch
 
-from common import Engine, NanochatError, Utf8Streamer, build_chat_prompt, compute_init, load_model, reply_to_content
+from common import (Engine, NanochatError, Utf8Streamer, add_sampling_flags, argument_parser, build_chat_prompt, compute_init, float_flag,
+                    int_flag, load_model, reply_to_content)
 from model import COMPUTE_DTYPE
 
-HELP = "commands: /clear  /temperature v  /topk v  /help  /quit"
+HELP = "commands: /clear  /temperature v  /topk v  /maxtokens n  /help  /quit"
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--stage", default="sft", choices=["sft", "rl", "base"], help="which checkpoint family")
-    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: most recent)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: most recent)")
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (None = most recent)")
+    parser.add_argument("-s", "--step", type=int_flag(0), default=None, help="checkpoint step (None = most recent)")
     parser.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = always the most likely token")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="longest reply, in tokens")
-    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="default: autodetect")
-    args = parser.parse_args()
-    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
-        parser.error("--temperature and --top-k must be >= 0, --max-tokens >= 1")
-    return args
+    add_sampling_flags(parser, temperature=0.6)
+    parser.add_argument("-m", "--max-tokens", type=int_flag(1), default=512,
+                        help="longest reply, in tokens (at most what the model's context leaves)")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    return parser.parse_args()
 
 
 def stream_reply(engine, prompt, settings, seed):
@@ -54,34 +52,38 @@ def stream_reply(engine, prompt, settings, seed):
     return tokens
 
 
+SETTINGS = {"/temperature": ("temperature", float_flag(0, 2)), "/topk": ("top_k", int_flag(0)),
+            "/maxtokens": ("max_tokens", int_flag(1))}
+
+
 def run_command(line, settings, messages):
     """Handle a /command; returns False to quit."""
     name, _, value = line.partition(" ")
-    try:
-        if name in ("/quit", "/exit"):
-            return False
-        elif name == "/clear":
-            messages.clear()
-            print("(new conversation)")
-        elif name == "/temperature" and float(value) >= 0:
-            settings["temperature"] = float(value)
-            print(f"(temperature {settings['temperature']})")
-        elif name == "/topk" and int(value) >= 0:
-            settings["top_k"] = int(value)
-            print(f"(top-k {settings['top_k'] or 'off'})")
-        else:
-            print(HELP)
-    except ValueError:
-        print(f"(bad value {value!r}) {HELP}")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/clear":
+        messages.clear()
+        print("(new conversation)")
+    elif name == "/help":
+        print(HELP)
+    elif name in SETTINGS:
+        key, parse = SETTINGS[name]
+        try:
+            settings[key] = parse(value.strip())
+            print(f"({key.replace('_', ' ')} {settings[key]})")
+        except Exception as e:  # argparse's type error says what is allowed
+            print(f"({name} needs a value: {e}) {HELP}")
+    else:
+        print(f"(unknown command {name}) {HELP}")
     return True
 
 
-def answer(engine, messages, settings, seed):
+def answer(engine, messages, settings, seed, prefix=""):
     """Add the assistant's reply to `messages`, trimming the oldest turns if the context is full.
     Returns False when the last message alone is too long (it is removed again)."""
     try:
-        prompt, dropped = build_chat_prompt(engine.tokenizer, messages, engine.model.config.sequence_len,
-                                            settings["max_tokens"])
+        prompt, dropped, max_tokens = build_chat_prompt(engine.tokenizer, messages, engine.model.config.sequence_len,
+                                                        settings["max_tokens"])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         messages.pop()
@@ -89,7 +91,8 @@ def answer(engine, messages, settings, seed):
     if dropped:
         del messages[:2 * dropped]
         print(f"(the conversation outgrew the model's context: forgot the {dropped} oldest turn(s))", file=sys.stderr)
-    tokens = stream_reply(engine, prompt, settings, seed)
+    print(prefix, end="", flush=True)  # after any notice, so that it does not split the reply
+    tokens = stream_reply(engine, prompt, dict(settings, max_tokens=max_tokens), seed)
     messages.append({"role": "assistant", "content": reply_to_content(engine.tokenizer, tokens)})
     return True
 
@@ -125,8 +128,7 @@ def main():
         if line.startswith("/"):
             continue
         messages.append({"role": "user", "content": line})
-        print("Assistant: ", end="", flush=True)
-        answer(engine, messages, settings, seed=42 + turn)
+        answer(engine, messages, settings, seed=42 + turn, prefix="Assistant: ")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
-"""What several stages share: run setup, the tokenizer and conversation rendering, data download
-and reading, checkpoints, task datasets, the code sandbox and the inference engine.
+"""What several stages share, in the order data flows through the pipeline.
 
 Stage scripts import only `model` and `common` from the project; this file imports only `model`.
-Sections, top to bottom:
-  1. run setup (base dir, device, dtype, distributed, logging)
-  2. tokenizer and conversation rendering
-  3. downloads (NANOCHAT_MIRROR) and pretraining data
-  4. checkpoints
-  5. pretraining dataloader (BOS-aligned best fit), bits per byte, CORE
-  6. tasks (chat datasets) and the code sandbox
+  1. run setup: base dir, device, distributed, printing, atomic writes
+  2. downloads (every one honours NANOCHAT_MIRROR): pretraining shards, the CORE eval bundle, hub datasets
+  3. tokenizer and chat format: rendering, the chat prompt, the one parser of a reply's parts
+  4. pretraining data: the BOS-aligned best-fit loader
+  5. checkpoints and metrics: save, load, and one run lifecycle for pretrain.py, sft.py and rl.py
+  6. tasks (chat datasets) and the code sandbox HumanEval runs answers in
   7. inference engine and calculator tool
-  8. report card
+  8. evaluation: bits per byte, CORE, chat tasks and ChatCORE
+  9. report card
 """
 
+import argparse
 import ast
 import base64
 import bisect
@@ -55,15 +55,77 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model import load_gpt, sample_next_token
 
-# =============================================================================================
-# 1. Run setup
-# =============================================================================================
+
+# ======== 1. Run setup ============================================================================
 
 class NanochatError(SystemExit):
     """A problem the user has to fix (missing file, no network, bad checkpoint), said in one line.
     It subclasses SystemExit on purpose: uncaught, a script exits with status 1 and prints just the
     message, no traceback; code that wants to carry on (a server, a test) catches it by this name."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's default."""
+
+
+def argument_parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def number_flag(kind, low=None, high=None, never=False, auto=False):
+    """An argparse type: an int or float in [low, high]; never=True also takes -1, the flags' one word for
+    never, unset or all; auto=True also takes "auto". A bad value is one line naming the flag and the range."""
+    def parse(text):
+        if auto and text == "auto":
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and (never and value == -1 or (low is None or value >= low) and
+                                     (high is None or value <= high)):
+            return value
+        what = "an integer" if kind is int else "a number"
+        bounds = f"{what} >= {low}" if high is None else f"{what} from {low} to {high}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {bounds}" + " (or -1)" * never + " or auto" * auto)
+    return parse
+
+
+def int_flag(low=None, high=None, never=False, auto=False):
+    return number_flag(int, low, high, never, auto)
+
+
+def float_flag(low=None, high=None, never=False):
+    return number_flag(float, low, high, never)
+
+
+def add_stage_flags(parser, parent=None, lrs=(None, None, None)):
+    """The flags pretrain.py, sft.py and rl.py share, with one meaning in all three. parent: the stage whose
+    checkpoint this one starts from; lrs: defaults of the embedding, unembedding and matrix LRs."""
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    if parent:
+        parser.add_argument("--model-tag", default=None, help=f"{parent} checkpoint tag (None = the latest written)")
+        parser.add_argument("--model-step", type=int_flag(0), default=None,
+                            help=f"{parent} checkpoint step (None = the latest)")
+    parser.add_argument("--resume-from-step", type=int_flag(0, never=True), default=-1,
+                        help="continue exactly from this run's checkpoint at that step (-1 = start afresh)")
+    parser.add_argument("--save-every", type=int_flag(1, never=True), default=-1,
+                        help="checkpoint every N steps (-1 = only at the end)")
+    inherited = " (None = the base run's)" if lrs[0] is None else ""
+    for name, default, what in zip(("embedding", "unembedding", "matrix"), lrs,
+                                   ("AdamW LR of the token embeddings", "AdamW LR of lm_head",
+                                    "Muon LR of the block matrices")):
+        parser.add_argument(f"--{name}-lr", type=float_flag(0), default=default, help=what + inherited)
+
+
+def add_sampling_flags(parser, temperature):
+    """-t/--temperature and -k/--top-k, the same in every script that samples."""
+    parser.add_argument("-t", "--temperature", type=float_flag(0, 2), default=temperature,
+                        help="sampling temperature (0 = always the likeliest token)")
+    parser.add_argument("-k", "--top-k", type=int_flag(0, 200), default=50,
+                        help="sample among the k likeliest tokens (0 = all)")
 
 
 def get_base_dir():
@@ -80,11 +142,6 @@ def autodetect_device_type():
     return "cpu"
 
 
-def is_ddp_requested():
-    # torchrun sets all three; a plain `python script.py` sets none
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
-
 def compute_init(device_type="", seed=42):
     """Pick the device, seed the global RNG (it only drives weight init), join the torchrun process group.
     Returns (ddp, rank, local_rank, world_size, device)."""
@@ -99,7 +156,7 @@ def compute_init(device_type="", seed=42):
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
         torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls
-    ddp = is_ddp_requested()
+    ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # torchrun sets them
     rank, local_rank, world_size = 0, 0, 1
     device = torch.device(device_type)
     if ddp:
@@ -178,192 +235,36 @@ def atomic_write(path, mode="wb"):
             os.remove(tmp)
 
 
-# =============================================================================================
-# 2. Tokenizer and conversation rendering
-# =============================================================================================
-
-SPECIAL_TOKENS = [
-    "<|bos|>",  # document delimiter, prepended to every document and conversation
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # the assistant calls the calculator/python tool
-    "<|output_start|>", "<|output_end|>",  # the tool's answer, written by the engine, not learned
-]
-# GPT-4's split pattern, but numbers split into groups of 1-2 digits (not 1-3): better bpb at small vocab
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-TOKENIZER_FILE = "tokenizer.json"
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-class Tokenizer:
-    """BPE trained with rustbpe, run with tiktoken. Special tokens come after the merged tokens."""
-
-    def __init__(self, enc):
-        self.enc = enc
-        self.bos_token_id = self.encode_special("<|bos|>")
-
-    @classmethod
-    def from_ranks(cls, mergeable_ranks, pattern, special_tokens=SPECIAL_TOKENS):
-        n = len(mergeable_ranks)
-        enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                                special_tokens={name: n + i for i, name in enumerate(special_tokens)})
-        return cls(enc)
-
-    @classmethod
-    def train(cls, text_iter, vocab_size):
-        import rustbpe
-        num_ranks = vocab_size - len(SPECIAL_TOKENS)
-        if num_ranks < 256:
-            raise NanochatError(f"--vocab-size {vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
-        bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(text_iter, num_ranks, pattern=SPLIT_PATTERN)
-        ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
-        return cls.from_ranks(ranks, bpe.get_pattern())
-
-    def save(self, tokenizer_dir):
-        """Plain JSON (no pickle): the split pattern, the specials, and token bytes (base64) in rank order.
-        Also writes token_bytes.pt, the byte length of each token id used for bits-per-byte."""
-        os.makedirs(tokenizer_dir, exist_ok=True)
-        ranks = self.enc._mergeable_ranks
-        tokens = sorted(ranks, key=ranks.get)
-        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
-        payload = {"pattern": self.enc._pat_str, "special_tokens": list(self.enc._special_tokens),
-                   "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}
-        with atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), "w") as f:
-            json.dump(payload, f)
-        with atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), "wb") as f:
-            torch.save(self.token_bytes(), f)
-
-    @classmethod
-    def load(cls, tokenizer_dir):
-        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                payload = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(payload["mergeable_ranks"])}
-            return cls.from_ranks(ranks, payload["pattern"], payload["special_tokens"])
-        pkl = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        if os.path.exists(pkl):
-            # the reference's format: a pickled tiktoken.Encoding. Unpickling runs code from the
-            # file, so only load a tokenizer.pkl you made yourself or got from a source you trust.
-            with open(pkl, "rb") as f:
-                return cls(pickle.load(f))
-        raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
-
-    def get_vocab_size(self):
-        return self.enc.n_vocab
-
-    def get_bos_token_id(self):
-        return self.bos_token_id
-
-    def get_special_tokens(self):
-        return set(self.enc.special_tokens_set)
-
-    def encode_special(self, text):
-        return self.enc.encode_single_token(text)
-
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
-
-    def decode_single_token_bytes(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id)
-
-    def _as_id(self, token):
-        return token if isinstance(token, int) else self.encode_special(token)
-
-    def encode(self, text, prepend=None, append=None, num_threads=8):
-        """str -> list of ids, list[str] -> list of lists (threaded). Special-token strings inside the
-        text are ordinary text; `prepend`/`append` (an id or a special-token name) go on every row."""
-        head = [] if prepend is None else [self._as_id(prepend)]
-        tail = [] if append is None else [self._as_id(append)]
-        if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
-        rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-        return [head + row + tail for row in rows]
-
-    __call__ = encode
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-    def token_bytes(self):
-        """int32 tensor: UTF-8 byte length of each token id (raw bytes, not re-decoded), 0 for specials."""
-        specials = set(self.enc._special_tokens.values())
-        return torch.tensor([0 if i in specials else len(self.enc.decode_single_token_bytes(i))
-                             for i in range(self.get_vocab_size())], dtype=torch.int32)
-
-    def render_conversation(self, conversation, max_tokens=2048):
-        """Tokenize a chat; mask 1 marks the tokens the model learns to produce (the assistant's own),
-        0 the rest (BOS, user turns, tool outputs). Returns (ids, mask), both cut to max_tokens."""
-        messages = conversation["messages"]
-        if messages and messages[0]["role"] == "system":
-            # no system slot in the format: fold it into the first user turn
-            if len(messages) < 2 or messages[1]["role"] != "user":
-                raise ValueError("a system message must be followed by a user message")
-            messages = copy.deepcopy(messages[1:])
-            messages[0]["content"] = conversation["messages"][0]["content"] + "\n\n" + messages[0]["content"]
-        ids, mask = [], []
-
-        def add(token_ids, supervised):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
-            ids.extend(token_ids)
-            mask.extend([supervised] * len(token_ids))
-
-        special = self.encode_special
-        add(self.bos_token_id, 0)
-        for i, message in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message["role"] != expected:
-                raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} "
-                                 "(messages must alternate user, assistant, ...)")
-            content = message["content"]
-            if expected == "user":
-                if not isinstance(content, str):
-                    raise ValueError("user content must be a string")
-                add(special("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(special("<|user_end|>"), 0)
-                continue
-            add(special("<|assistant_start|>"), 0)
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for part in parts:
-                if part["type"] == "text":
-                    add(self.encode(part["text"]), 1)
-                elif part["type"] == "python":
-                    add(special("<|python_start|>"), 1)
-                    add(self.encode(part["text"]), 1)
-                    add(special("<|python_end|>"), 1)
-                elif part["type"] == "python_output":  # produced by the interpreter at inference
-                    add(special("<|output_start|>"), 0)
-                    add(self.encode(part["text"]), 0)
-                    add(special("<|output_end|>"), 0)
-                else:
-                    raise ValueError(f"unknown assistant part type {part['type']!r}")
-            add(special("<|assistant_end|>"), 1)
-        return ids[:max_tokens], mask[:max_tokens]
-
-    def render_for_completion(self, conversation):
-        """Prompt ids for sampling the final assistant turn: drop it, render, open a new assistant turn."""
-        messages = conversation["messages"]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("render_for_completion expects the conversation to end with an assistant message")
-        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=10**9)
-        return ids + [self.encode_special("<|assistant_start|>")]
+def format_duration(seconds):
+    """The one format of every ETA and duration: 42s, 11m54s, 1h02m."""
+    seconds = max(int(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def get_tokenizer():
-    return Tokenizer.load(os.path.join(get_base_dir(), "tokenizer"))
+_last_progress = [0.0]
 
 
-def get_token_bytes(device="cpu"):
-    path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
-    if not os.path.exists(path):
-        raise NanochatError(f"{path} not found: run `python train_tokenizer.py` first")
-    return torch.load(path, map_location=device, weights_only=True).long()
+def print_progress(line, final=False):
+    """A status line that rewrites itself on a terminal; in a log file (no carriage returns) one line
+    every 10 seconds at most, and the final one."""
+    if sys.stdout.isatty():
+        print0("\r" + line, end="\n" if final else "")
+    elif final or time.time() - _last_progress[0] >= 10:
+        _last_progress[0] = time.time()
+        print0(line)
 
 
-# =============================================================================================
-# 3. Downloads and pretraining data
-# =============================================================================================
+# ======== 2. Downloads (NANOCHAT_MIRROR: a mirror laid out like shared/data) ======================
 
 MIRROR_HINT = "No network? Point NANOCHAT_MIRROR at a mirror URL or a directory laid out like shared/data"
 SHARD_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet"
@@ -405,14 +306,6 @@ def progress_line(desc, done, total, t0):
         return f"{desc}  {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
     eta = (total - done) / rate if rate > 0 else 0
     return f"{desc}  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-
-
-def print_progress(line, final=False):
-    """Rewrite one status line on a terminal; in a log file, one line per update."""
-    if sys.stdout.isatty():
-        print0("\r" + line, end="\n" if final else "")
-    else:
-        print0(line)
 
 
 class RetryableError(Exception):
@@ -585,6 +478,476 @@ def download_shards(num_train_shards, num_workers=4, background=False):
     return [shard_path(i) for i in indices]
 
 
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def parse_core_yaml(text):
+    """The few YAML forms core.yaml uses: a top-level key, "-" list items, `key: value` with a scalar,
+    a double-quoted string or a [list]. (PyYAML is not a dependency for one small file.)"""
+    def scalar(v):
+        v = v.strip()
+        if v.startswith('"'):
+            return json.loads(v)  # YAML double-quoted escapes (\n) read like JSON's
+        if v.startswith("["):
+            return [scalar(x) for x in v[1:-1].split(",") if x.strip()]
+        if v in ("true", "false"):
+            return v == "true"
+        return int(v) if v.lstrip("-").isdigit() else v.strip("'")
+    tasks = []
+    for line in text.splitlines():
+        line = line.split(" #")[0].rstrip()
+        if not line.strip() or line.lstrip().startswith("#") or not line.startswith((" ", "-")):
+            continue  # blank, comment, or a top-level header such as "icl_tasks:"
+        if line.startswith("-"):  # a new task, maybe with its first key on the same line
+            tasks.append({})
+            line = line[1:]
+            if not line.strip():
+                continue
+        key, _, value = line.strip().partition(":")
+        tasks[-1][key.strip()] = scalar(value)
+    return tasks
+
+
+def ensure_eval_bundle():
+    """<base>/eval_bundle, fetched on first use: the zip from the reference's URL, or with NANOCHAT_MIRROR
+    the unpacked files (core.yaml, eval_meta_data.csv, each task file the mirror has)."""
+    bundle = os.path.join(get_base_dir(), "eval_bundle")
+    if os.path.exists(os.path.join(bundle, "core.yaml")):
+        return bundle
+    tmp = tempfile.mkdtemp(dir=get_base_dir(), prefix="eval_bundle.tmp")
+    try:
+        if os.environ.get("NANOCHAT_MIRROR"):
+            for name in ("core.yaml", "eval_meta_data.csv"):
+                download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/{name}"), os.path.join(tmp, name))
+            with open(os.path.join(tmp, "core.yaml")) as f:
+                uris = [task["dataset_uri"] for task in parse_core_yaml(f.read())]
+            for uri in dict.fromkeys(uris):
+                try:
+                    download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/eval_data/{uri}"),
+                                  os.path.join(tmp, "eval_data", uri))
+                except NanochatError as e:  # a mirror may hold only some tasks: CORE is then marked partial
+                    print0(f"eval bundle: {uri} not on the mirror ({e})")
+            for lock in glob.glob(os.path.join(tmp, "**", "*.lock"), recursive=True):
+                os.remove(lock)  # download_file's lock files: not part of the bundle
+            unpacked = tmp
+        else:
+            zip_path = download_file(EVAL_BUNDLE_URL, os.path.join(tmp, "eval_bundle.zip"), desc="eval_bundle.zip")
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(tmp)
+            unpacked = os.path.join(tmp, "eval_bundle")
+        os.replace(unpacked, bundle)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return bundle
+
+
+HF_HUB = "https://huggingface.co"
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+# Hugging Face repo -> folder in the mirror layout (shared/data/README.md)
+MIRROR_FOLDERS = {"cais/mmlu": "mmlu", "allenai/ai2_arc": "arc", "openai/gsm8k": "gsm8k",
+                  "openai/openai_humaneval": "humaneval", "HuggingFaceTB/smol-smoltalk": "smoltalk"}
+
+
+class MissingSplitError(NanochatError):
+    """A dataset split the source does not have (the shared MMLU sample has no auxiliary_train).
+    Scripts catch it by name to build a mixture without that task when the user asks for it."""
+
+
+def task_data_dir(*parts):
+    return os.path.join(get_base_dir(), "task_data", *parts)
+
+
+def hub_listing_url(repo_id, subset, split):
+    """The Hugging Face dataset-viewer endpoint listing the parquet files of one split; the hub converts
+    every public dataset to parquet (branch refs/convert/parquet), so this works for all of them."""
+    return f"{HF_HUB}/api/datasets/{repo_id}/parquet/{subset}/{split}"
+
+
+def hub_mirror_relpath(repo_id, subset, split):
+    # a dataset repo keeps its default config in data/ ; a mirror holds one file per split
+    folder = MIRROR_FOLDERS.get(repo_id, repo_id.split("/")[-1])
+    return f"{folder}/{'data' if subset == 'default' else subset}/{split}-00000-of-00001.parquet"
+
+
+def source_missing(source):
+    """After a failed download: is it because the file is not there at all (vs. network trouble)?"""
+    if not is_url(source):
+        return not os.path.isfile(source)
+    try:
+        return requests.head(source, allow_redirects=True, timeout=15).status_code == 404
+    except requests.RequestException:
+        return False
+
+
+def fetch(source, dest_path, what):
+    """download_file, but a source that does not exist becomes a MissingSplitError naming `what`."""
+    try:
+        return download_file(source, dest_path, desc=what)
+    except NanochatError as e:
+        if source_missing(source):
+            raise MissingSplitError(f"{what} is not available from {source}: that split is missing from the "
+                                    "source (a mirror may hold only some splits); leave that task out of the "
+                                    "mixture (see the script's --help) or use a source that has it") from e
+        raise
+
+
+def load_hub_dataset(repo_id, subset, split):
+    """One split of a Hugging Face dataset as a pyarrow Table. The hub lists the split's parquet files,
+    each is downloaded to <base>/task_data/<repo>/<subset>/<split>/NNNNN.parquet; manifest.json is
+    written last, so its presence means the split is complete. Under NANOCHAT_MIRROR the split is the
+    single file hub_mirror_relpath(...)."""
+    what = f"{repo_id} {subset}/{split}"
+    dest = task_data_dir(repo_id.replace("/", "--"), subset, split)
+    manifest = os.path.join(dest, "manifest.json")
+    if not os.path.exists(manifest):
+        listing = hub_listing_url(repo_id, subset, split)
+        source = source_for(listing, hub_mirror_relpath(repo_id, subset, split))
+        if source == listing:  # the real hub: ask which files make up the split
+            with open(fetch(listing, os.path.join(dest, "listing.json"), what)) as f:
+                sources = json.load(f)
+        else:
+            sources = [source]
+        files = [f"{i:05d}.parquet" for i in range(len(sources))]
+        for src, name in zip(sources, files):
+            fetch(src, os.path.join(dest, name), what)
+        with atomic_write(manifest, "w") as f:
+            json.dump({"sources": sources, "files": files}, f)
+    with open(manifest) as f:
+        files = json.load(f)["files"]
+    return pa.concat_tables([pq.read_table(os.path.join(dest, name)) for name in files])
+
+
+def download_task_file(url, mirror_relpath, name):
+    """A single-file source (word list, identity conversations) cached in <base>/task_data/<name>."""
+    return fetch(source_for(url, mirror_relpath), task_data_dir(name), name)
+
+
+# ======== 3. Tokenizer and chat format ============================================================
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # document delimiter, prepended to every document and conversation
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",  # the assistant calls the calculator/python tool
+    "<|output_start|>", "<|output_end|>",  # the tool's answer, written by the engine, not learned
+]
+# GPT-4's split pattern, but numbers split into groups of 1-2 digits (not 1-3): better bpb at small vocab
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """BPE trained with rustbpe, run with tiktoken. Special tokens come after the merged tokens."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = self.encode_special("<|bos|>")
+
+    @classmethod
+    def from_ranks(cls, mergeable_ranks, pattern, special_tokens=SPECIAL_TOKENS):
+        n = len(mergeable_ranks)
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                special_tokens={name: n + i for i, name in enumerate(special_tokens)})
+        return cls(enc)
+
+    @classmethod
+    def train(cls, text_iter, vocab_size):
+        import rustbpe
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise NanochatError(f"--vocab-size {vocab_size} is too small: need at least {256 + len(SPECIAL_TOKENS)}")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(text_iter, num_ranks, pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+        return cls.from_ranks(ranks, bpe.get_pattern())
+
+    def save(self, tokenizer_dir):
+        """Plain JSON (no pickle): the split pattern, the specials, and token bytes (base64) in rank order.
+        Also writes token_bytes.pt, the byte length of each token id used for bits-per-byte."""
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        ranks = self.enc._mergeable_ranks
+        tokens = sorted(ranks, key=ranks.get)
+        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
+        payload = {"pattern": self.enc._pat_str, "special_tokens": list(self.enc._special_tokens),
+                   "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}
+        with atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), "w") as f:
+            json.dump(payload, f)
+        with atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), "wb") as f:
+            torch.save(self.token_bytes(), f)
+
+    @classmethod
+    def load(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                payload = json.load(f)
+            ranks = {base64.b64decode(t): i for i, t in enumerate(payload["mergeable_ranks"])}
+            return cls.from_ranks(ranks, payload["pattern"], payload["special_tokens"])
+        pkl = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        if os.path.exists(pkl):
+            # the reference's format: a pickled tiktoken.Encoding. Unpickling runs code from the
+            # file, so only load a tokenizer.pkl you made yourself or got from a source you trust.
+            with open(pkl, "rb") as f:
+                return cls(pickle.load(f))
+        raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def get_special_tokens(self):
+        return set(self.enc.special_tokens_set)
+
+    def encode_special(self, text):
+        return self.enc.encode_single_token(text)
+
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
+
+    def decode_single_token_bytes(self, token_id):
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def _as_id(self, token):
+        return token if isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """str -> list of ids, list[str] -> list of lists (threaded). Special-token strings inside the
+        text are ordinary text; `prepend`/`append` (an id or a special-token name) go on every row."""
+        head = [] if prepend is None else [self._as_id(prepend)]
+        tail = [] if append is None else [self._as_id(append)]
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text) + tail
+        rows = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        return [head + row + tail for row in rows]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_bytes(self):
+        """int32 tensor: UTF-8 byte length of each token id (raw bytes, not re-decoded), 0 for specials."""
+        specials = set(self.enc._special_tokens.values())
+        return torch.tensor([0 if i in specials else len(self.enc.decode_single_token_bytes(i))
+                             for i in range(self.get_vocab_size())], dtype=torch.int32)
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """Tokenize a chat; mask 1 marks the tokens the model learns to produce (the assistant's own),
+        0 the rest (BOS, user turns, tool outputs). Returns (ids, mask), both cut to max_tokens."""
+        messages = conversation["messages"]
+        if messages and messages[0]["role"] == "system":
+            # no system slot in the format: fold it into the first user turn
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            messages = copy.deepcopy(messages[1:])
+            messages[0]["content"] = conversation["messages"][0]["content"] + "\n\n" + messages[0]["content"]
+        ids, mask = [], []
+
+        def add(token_ids, supervised):
+            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+            ids.extend(token_ids)
+            mask.extend([supervised] * len(token_ids))
+
+        special = self.encode_special
+        add(self.bos_token_id, 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} "
+                                 "(messages must alternate user, assistant, ...)")
+            content = message["content"]
+            if expected == "user":
+                if not isinstance(content, str):
+                    raise ValueError("user content must be a string")
+                add(special("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(special("<|user_end|>"), 0)
+                continue
+            add(special("<|assistant_start|>"), 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                if part["type"] == "text":
+                    add(self.encode(part["text"]), 1)
+                elif part["type"] == "python":
+                    add(special("<|python_start|>"), 1)
+                    add(self.encode(part["text"]), 1)
+                    add(special("<|python_end|>"), 1)
+                elif part["type"] == "python_output":  # produced by the interpreter at inference
+                    add(special("<|output_start|>"), 0)
+                    add(self.encode(part["text"]), 0)
+                    add(special("<|output_end|>"), 0)
+                else:
+                    raise ValueError(f"unknown assistant part type {part['type']!r}")
+            add(special("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Prompt ids for sampling the final assistant turn: drop it, render, open a new assistant turn."""
+        messages = conversation["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion expects the conversation to end with an assistant message")
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=10**9)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def get_tokenizer():
+    return Tokenizer.load(os.path.join(get_base_dir(), "tokenizer"))
+
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
+    if not os.path.exists(path):
+        raise NanochatError(f"{path} not found: run `python train_tokenizer.py` first")
+    return torch.load(path, map_location=device, weights_only=True).long()
+
+
+def build_chat_prompt(tokenizer, messages, max_context, max_tokens):
+    """Prompt ids asking for the assistant's reply to `messages` ([system,] user, assistant, ..., user),
+    and the reply's token budget. While the prompt leaves less than min(max_tokens, half the context) for
+    the reply, whole turns (user + assistant) are dropped, oldest first; a system message stays (folded
+    into the first remaining user turn) and the last user message always does: the reply then gets what
+    the context leaves. Returns (ids, turns dropped, reply budget); ValueError when the prompt alone
+    fills the context."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the conversation must end with a user message")
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = list(messages[len(system):])
+    reserve = min(max_tokens, max_context // 2)
+    assistant_start = tokenizer.encode_special("<|assistant_start|>")
+    dropped = 0
+    while True:
+        ids, _ = tokenizer.render_conversation({"messages": system + turns}, max_tokens=10**9)
+        ids.append(assistant_start)
+        if len(ids) + reserve <= max_context or len(turns) <= 1:
+            break
+        turns, dropped = turns[2:], dropped + 1
+    if len(ids) >= max_context:
+        raise ValueError(f"the message is too long: its {len(ids)} tokens fill the model's context of "
+                         f"{max_context}; send a shorter message")
+    return ids, dropped, min(max_tokens, max_context - len(ids))
+
+
+# ---- the reply's grammar: one parser for the engine, the streamers, serve.py and rl.py ----
+
+class ReplyParser:
+    """Reads an assistant reply one token at a time. A reply is text, calculator calls
+    <|python_start|>expression<|python_end|>, and their results <|output_start|>result<|output_end|>
+    (forced by the engine), up to <|assistant_end|> or <|bos|>. push(token) says what the token was:
+      "token"   an ordinary token of the part being read (self.kind: "text", "python" or "python_output")
+      "open"    a call or result begins (self.kind is now "python" / "python_output")
+      "close"   it ended (self.kind is "text" again)
+      "stop"    the reply is over
+      "special" any other special token, which belongs to no part
+    After "open", "close" and "stop", self.ended holds (kind, tokens) of the part that just ended."""
+
+    def __init__(self, tokenizer):
+        special = tokenizer.encode_special
+        self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
+        self.closes = {special("<|python_end|>"): "python", special("<|output_end|>"): "python_output"}
+        self.stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.specials = {special(name) for name in tokenizer.get_special_tokens()}
+        self.kind, self.part, self.ended = "text", [], None
+
+    def end_part(self, next_kind):
+        self.ended, self.kind, self.part = (self.kind, self.part), next_kind, []
+
+    def push(self, token):
+        if token in self.stops:
+            self.end_part("text")
+            return "stop"
+        if token in self.opens:
+            self.end_part(self.opens[token])
+            return "open"
+        if self.closes.get(token) == self.kind:
+            self.end_part("text")
+            return "close"
+        if token in self.specials:
+            return "special"
+        self.part.append(token)
+        return "token"
+
+
+def reply_parts(tokenizer, tokens):
+    """Generated tokens -> [(kind, tokens)] of the reply's parts, empty text parts left out; stops at the
+    reply's end."""
+    parser, parts = ReplyParser(tokenizer), []
+    for token in tokens:
+        what = parser.push(token)
+        if what in ("open", "close", "stop") and (parser.ended[1] or parser.ended[0] != "text"):
+            parts.append(parser.ended)
+        if what == "stop":
+            return parts
+    return parts + [(parser.kind, parser.part)] * bool(parser.part or parser.kind != "text")
+
+
+def reply_to_content(tokenizer, tokens):
+    """Generated tokens -> assistant message content for the conversation history: a str, or a list of
+    {"type": "text"|"python"|"python_output", "text"} parts when the reply called the tool."""
+    parts = [{"type": kind, "text": tokenizer.decode(ids)} for kind, ids in reply_parts(tokenizer, tokens)]
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+class Utf8Streamer:
+    """Turns generated token ids into display text as they arrive: push(token) -> new text, flush() at the
+    end. Bytes of a multi-byte character split across tokens are held back until the character is
+    complete (invalid bytes show as U+FFFD). Tool calls read as "[calculator: 2+3 = 5]", other special
+    tokens print nothing. With typed=True, push returns [(part kind, text)] instead, for clients that
+    show calls and results apart (serve.py's stream)."""
+
+    def __init__(self, tokenizer, typed=False):
+        self.tokenizer, self.typed = tokenizer, typed
+        self.parser = ReplyParser(tokenizer)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.awaiting_result = False  # a call has closed; a result may follow
+
+    def push(self, token):
+        kind = self.parser.kind
+        what = self.parser.push(token)
+        pieces = []
+        if what != "token":  # a special token: first finish any character held back
+            pieces.append((kind, self.utf8.decode(b"", final=True)))
+        if not self.typed:
+            pieces.append(("text", self._brackets(what, kind)))
+        if what == "token":
+            pieces.append((self.parser.kind, self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))))
+        pieces = [(k, text) for k, text in pieces if text]
+        return pieces if self.typed else "".join(text for _, text in pieces)
+
+    def _brackets(self, what, kind):
+        """The text that frames tool calls in plain display: [calculator: expr = result]."""
+        text = ""
+        if self.awaiting_result and not (what == "open" and self.parser.kind == "python_output"):
+            text, self.awaiting_result = "]", False  # the calculator gave no result
+        if what == "open":
+            text += " = " if self.awaiting_result else (
+                "[calculator: " if self.parser.kind == "python" else "[output: ")
+            self.awaiting_result = False
+        elif what == "close":
+            self.awaiting_result = kind == "python"
+            text += "" if self.awaiting_result else "]"
+        return text
+
+    def flush(self):
+        kind, text = self.parser.kind, self.utf8.decode(b"", final=True)
+        if self.typed:
+            return [(kind, text)] if text else []
+        if kind != "text" or self.awaiting_result:  # a call or result cut off: close its bracket
+            text, self.awaiting_result = text + "]", False
+            self.parser.end_part("text")
+        return text
+
+
+def display_text(tokenizer, tokens):
+    """The whole reply as readable text (see Utf8Streamer)."""
+    streamer = Utf8Streamer(tokenizer)
+    return "".join(streamer.push(token) for token in tokens) + streamer.flush()
+
+
+# ======== 4. Pretraining data: BOS-aligned best-fit batches =======================================
+
 def list_parquet_files(data_dir=None):
     """Local shards, sorted. Train = all but the last, validation = the last."""
     data_dir = data_dir or pretrain_data_dir()
@@ -603,23 +966,125 @@ def split_files(split, data_dir=None):
     return files[:-1] if split == "train" else files[-1:]
 
 
-def iter_row_groups(split, rank=0, world_size=1, start=(0, 0), data_dir=None):
-    """One pass over the split: yields (pq_idx, rg_idx, texts) for the row groups of this rank
-    (rg_idx = rank, rank + world_size, ... in each file), beginning at position `start` = (pq_idx, rg_idx)
-    inclusive; pq_idx indexes the split's file list."""
-    for pq_idx, path in enumerate(split_files(split, data_dir)):
-        if pq_idx < start[0]:
-            continue
-        parquet = pq.ParquetFile(path)
-        first = start[1] if pq_idx == start[0] else 0
-        for rg_idx in range(rank, parquet.num_row_groups, world_size):
-            if rg_idx >= first:
-                yield pq_idx, rg_idx, parquet.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+# Every row of a batch starts with BOS and is filled, without padding, by best fit: the longest buffered
+# document that fits whole (the first of equally long ones), else the shortest one cropped to the space left.
+# As in the reference, rank r of W reads row groups r, r+W, r+2W, ... of each file, in batches of 128
+# documents, and the micro-steps of gradient accumulation read consecutive batches of the rank's loader.
+# Reading, tokenizing and packing run in a background thread. Unlike the reference's approximate resume,
+# each batch carries a small state (next unread position + the buffered documents' positions) from which
+# the very same batch is rebuilt, so a resumed run continues bit for bit.
+
+def iter_doc_batches(files, rank, world_size, start=None, batch_docs=128):
+    """Forever yields (position, texts): up to batch_docs documents of one row group, the row groups
+    rank, rank + world_size, ... of each file in turn, epoch after epoch. A position is
+    (epoch, pq_idx, rg_idx, offset); `start` is where to begin (default: the rank's first row group)."""
+    epoch, pq_idx, rg_idx, offset = start or (1, 0, rank, 0)
+    while True:
+        found = False
+        for pq_idx in range(pq_idx, len(files)):
+            parquet = pq.ParquetFile(files[pq_idx])
+            for rg_idx in range(rg_idx, parquet.num_row_groups, world_size):
+                texts = parquet.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                for off in range(offset, len(texts), batch_docs):
+                    found = True
+                    yield (epoch, pq_idx, rg_idx, off), texts[off:off + batch_docs]
+                offset = 0
+            rg_idx = rank
+        if not found and epoch > 1:
+            raise NanochatError(f"rank {rank} of {world_size} gets no documents: every file of the split has fewer "
+                                f"than {rank + 1} row groups; use fewer GPUs")
+        epoch, pq_idx, rg_idx = epoch + 1, 0, rank
 
 
-# =============================================================================================
-# 4. Checkpoints
-# =============================================================================================
+def read_docs(files, keys):
+    """Texts of the documents at keys (pq_idx, rg_idx, offset), in the order given."""
+    texts = {}
+    for pq_idx, rg_idx in sorted({key[:2] for key in keys}):
+        rows = pq.ParquetFile(files[pq_idx]).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        texts.update({(pq_idx, rg_idx, i): t for i, t in enumerate(rows)})
+    return [texts[key] for key in keys]
+
+
+def pack_batches(tokenizer, B, T, files, rank, world_size, state=None, buffer_size=1000, threads=4):
+    """Yields (rows, state): rows is an int64 array (B, T+1); passing `state` back yields the same rows."""
+    bos = tokenizer.get_bos_token_id()
+    lens, docs, keys = [], [], []  # the buffer: lengths ascending (equal ones in arrival order), tokens, positions
+
+    def add(key, ids):
+        i = bisect.bisect_right(lens, len(ids))
+        lens.insert(i, len(ids))
+        docs.insert(i, np.asarray(ids, dtype=np.int32))
+        keys.insert(i, key)
+
+    if state is not None:
+        saved = [tuple(k) for k in state["buffer"]]
+        for key, ids in zip(saved, tokenizer.encode(read_docs(files, saved), prepend=bos, num_threads=threads)):
+            add(key, ids)
+    position = tuple(state["next"]) if state is not None else (1, 0, rank, 0)
+    source = iter_doc_batches(files, rank, world_size, position)
+    while True:
+        batch_state = {"next": list(position), "buffer": [list(k) for k in keys]}
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        for row in rows:
+            pos = 0
+            while pos < T + 1:
+                while len(lens) < buffer_size:
+                    (epoch, pq_idx, rg_idx, off), texts = next(source)
+                    for i, ids in enumerate(tokenizer.encode(texts, prepend=bos, num_threads=threads)):
+                        add((pq_idx, rg_idx, off + i), ids)
+                    position = (epoch, pq_idx, rg_idx, off + len(texts))
+                i = bisect.bisect_right(lens, T + 1 - pos) - 1  # longest document that fits whole...
+                crop = i < 0
+                i = bisect.bisect_left(lens, lens[i]) if not crop else 0  # ...the first of equally long ones
+                doc = docs.pop(0 if crop else i)[:T + 1 - pos]  # none fits: crop the shortest
+                del lens[0 if crop else i], keys[0 if crop else i]
+                row[pos:pos + len(doc)] = doc
+                pos += len(doc)
+        yield rows, batch_state
+
+
+def _producer(out, stop, args, pin):
+    try:
+        for rows, state in pack_batches(*args):
+            both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # inputs, targets: contiguous
+            item = (both.pin_memory() if pin else both, state)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if stop.is_set():
+                return
+    except BaseException as e:  # hand any failure (e.g. missing data) to the consumer
+        out.put(e)
+
+
+def bestfit_batches(tokenizer, B, T, split, device="cpu", rank=0, world_size=1, state=None,
+                    buffer_size=1000, tokenizer_threads=4, files=None, prefetch=2):
+    """Forever yields (inputs, targets, state): int64 (B, T) tensors on `device`, and the state that,
+    passed back as `state`, makes a new loader start with this very batch. Work runs in a thread."""
+    files = files or split_files(split)
+    device = torch.device(device)
+    out, stop = queue.Queue(maxsize=prefetch), threading.Event()
+    args = (tokenizer, B, T, files, rank, world_size, state, buffer_size, tokenizer_threads)
+    worker = threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if isinstance(item, BaseException):
+                raise item
+            both, batch_state = item
+            both = both.to(device, non_blocking=True)
+            yield both[0], both[1], batch_state
+    finally:
+        # join, so that no thread is still inside the tokenizer when the interpreter exits (that aborts it)
+        stop.set()
+        worker.join(timeout=30)
+
+
+# ======== 5. Checkpoints, metrics and the run lifecycle ===========================================
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 STAGE_SCRIPTS = {"base": "pretrain.py", "sft": "sft.py", "rl": "rl.py"}
@@ -709,8 +1174,8 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
 
 def load_model(stage, device, phase="eval", model_tag=None, step=None):
     """Build the GPT of a saved checkpoint on `device` -> (model, tokenizer, meta). Defaults: the most
-    recently written tag and step. Also reads the reference's own checkpoint directories."""
-    from model import GPTConfig, build_gpt  # imported here: only this function needs the model code
+    recently written tag and step; meta["model_tag"] is the tag loaded. Also reads the reference's own
+    checkpoint directories (model.load_gpt knows their differences)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     stage_dir = os.path.join(get_base_dir(), CHECKPOINT_DIRS[stage])
@@ -720,461 +1185,117 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
     ckpt_dir = os.path.join(stage_dir, model_tag)
     step = find_last_step(ckpt_dir) if step is None else step
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile'd keys
-    config_kwargs = dict(meta["model_config"])
-    config_kwargs.setdefault("window_pattern", "L")  # checkpoints from before sliding windows
-    config = GPTConfig(**config_kwargs)
-    if "resid_lambdas" not in model_state:  # checkpoints from before the per-layer residual scalars
-        model_state["resid_lambdas"] = torch.ones(config.n_layer)
-        model_state["x0_lambdas"] = torch.zeros(config.n_layer)
+    if not isinstance(meta.get("model_config"), dict):
+        raise NanochatError(f"{ckpt_dir}/meta_{step:06d}.json has no model_config: the checkpoint is incomplete; "
+                            "delete that step to fall back to an earlier one")
     tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise NanochatError(f"tokenizer vocab {tokenizer.get_vocab_size()} != checkpoint vocab {config.vocab_size} "
-                            f"({ckpt_dir}): the tokenizer in {get_base_dir()}/tokenizer is not the one this model was trained with")
-    model = build_gpt(config, device)
-    # copying into the fresh parameters casts to the dtypes the model uses on this device:
-    # the reference's bf16 embeddings become fp32 on CPU/MPS
-    model.load_state_dict(model_state, strict=True)
+    if tokenizer.get_vocab_size() != meta["model_config"].get("vocab_size"):
+        raise NanochatError(f"tokenizer vocab {tokenizer.get_vocab_size()} != checkpoint vocab "
+                            f"{meta['model_config'].get('vocab_size')} ({ckpt_dir}): the tokenizer in "
+                            f"{get_base_dir()}/tokenizer is not the one this model was trained with")
+    model = load_gpt(meta["model_config"], model_state, device)
     model.train() if phase == "train" else model.eval()
     print0(f"loaded {stage} checkpoint {model_tag} step {step} from {ckpt_dir}")
-    return model, tokenizer, meta
+    return model, tokenizer, {**meta, "model_tag": model_tag}
 
 
-# =============================================================================================
-# 5. Pretraining dataloader, bits per byte, CORE
-# =============================================================================================
-
-# (owner: pretraining work)
-# Every row of a batch starts with BOS and is filled, without padding, by best fit: the largest buffered
-# document that fits whole, else the shortest one cropped to the space left (§7.2). The documents come
-# from "streams": stream s of S reads row groups s, s+S, s+2S, ... (numbered across shards). pretrain.py
-# gives each (rank, micro-step) pair its own stream, so a step sees the same data whatever the split
-# between GPUs and gradient accumulation. Reading, tokenizing and packing run in a background thread; each batch
-# carries a small state (next unread position + the buffered documents' positions) from which the very
-# same batch is rebuilt, so a resumed run continues bit for bit.
+def log_metrics(path, **row):
+    """Append one row (step=..., loss=..., val_bpb=...) to a stage's metrics.jsonl, rank 0 only."""
+    if get_rank() == 0:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
-# completed greedily during pretraining and by `evaluate.py --eval sample` (§6.5)
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-
-
-def iter_doc_batches(files, stream, num_streams, start=None, batch_docs=128):
-    """Forever yields (position, texts): up to batch_docs documents of one row group. Counting row groups
-    across the files, stream s reads numbers s, s+S, s+2S, ... A position is (epoch, pq_idx, rg_idx, offset);
-    `start` is where to begin (default: the stream's first row group)."""
-    epoch, pq_idx, rg_idx, offset = start or (1, 0, stream, 0)
-    first_pass = True
-    while True:
-        found = False
-        while pq_idx < len(files):
-            parquet = pq.ParquetFile(files[pq_idx])
-            while rg_idx < parquet.num_row_groups:
-                texts = parquet.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-                for off in range(offset, len(texts), batch_docs):
-                    found = True
-                    yield (epoch, pq_idx, rg_idx, off), texts[off:off + batch_docs]
-                rg_idx, offset = rg_idx + num_streams, 0
-            # carry over: row groups are numbered across files, so more streams than a file has still works
-            pq_idx, rg_idx = pq_idx + 1, rg_idx - parquet.num_row_groups
-        if not found and not first_pass:
-            raise NanochatError(f"data stream {stream} of {num_streams} has no documents: the {len(files)} file(s) "
-                                "hold fewer row groups than streams; use fewer GPUs or a smaller total batch")
-        epoch, pq_idx, rg_idx, first_pass = epoch + 1, 0, stream, False
-
-
-def read_docs(files, keys):
-    """Texts of the documents at keys (pq_idx, rg_idx, offset), in the order given."""
-    texts = {}
-    for pq_idx, rg_idx in sorted({key[:2] for key in keys}):
-        rows = pq.ParquetFile(files[pq_idx]).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-        texts.update({(pq_idx, rg_idx, i): t for i, t in enumerate(rows)})
-    return [texts[key] for key in keys]
-
-
-def pack_batches(tokenizer, B, T, files, stream, num_streams, state=None, buffer_size=1000, threads=4):
-    """Yields (rows, state): rows is an int64 array (B, T+1); passing `state` back yields the same rows."""
-    bos = tokenizer.get_bos_token_id()
-    lens, docs, keys = [], [], []  # the buffer: lengths ascending (equal ones in arrival order), tokens, positions
-
-    def add(key, ids):
-        i = bisect.bisect_right(lens, len(ids))
-        lens.insert(i, len(ids))
-        docs.insert(i, np.asarray(ids, dtype=np.int32))
-        keys.insert(i, key)
-
-    if state is not None:
-        saved = [tuple(k) for k in state["buffer"]]
-        for key, ids in zip(saved, tokenizer.encode(read_docs(files, saved), prepend=bos, num_threads=threads)):
-            add(key, ids)
-    position = tuple(state["next"]) if state is not None else (1, 0, stream, 0)
-    source = iter_doc_batches(files, stream, num_streams, position)
-    while True:
-        batch_state = {"next": list(position), "buffer": [list(k) for k in keys]}
-        rows = np.empty((B, T + 1), dtype=np.int64)
-        for row in rows:
-            pos = 0
-            while pos < T + 1:
-                while len(lens) < buffer_size:
-                    (epoch, pq_idx, rg_idx, off), texts = next(source)
-                    for i, ids in enumerate(tokenizer.encode(texts, prepend=bos, num_threads=threads)):
-                        add((pq_idx, rg_idx, off + i), ids)
-                    position = (epoch, pq_idx, rg_idx, off + len(texts))
-                i = bisect.bisect_right(lens, T + 1 - pos) - 1  # largest document that fits whole
-                crop = i < 0
-                doc = docs.pop(0 if crop else i)[:T + 1 - pos]  # none fits: crop the shortest
-                del lens[0 if crop else i], keys[0 if crop else i]
-                row[pos:pos + len(doc)] = doc
-                pos += len(doc)
-        yield rows, batch_state
-
-
-def _producer(out, stop, args, pin):
-    try:
-        for rows, state in pack_batches(*args):
-            both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # inputs, targets: contiguous
-            item = (both.pin_memory() if pin else both, state)
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if stop.is_set():
-                return
-    except BaseException as e:  # hand any failure (e.g. missing data) to the consumer
-        out.put(e)
-
-
-def bestfit_batches(tokenizer, B, T, split, device="cpu", stream=0, num_streams=1, state=None,
-                    buffer_size=1000, tokenizer_threads=4, files=None, prefetch=2):
-    """Forever yields (inputs, targets, state): int64 (B, T) tensors on `device`, and the state that,
-    passed back as `state`, makes a new loader start with this very batch. Work runs in a thread."""
-    files = files or split_files(split)
-    device = torch.device(device)
-    out, stop = queue.Queue(maxsize=prefetch), threading.Event()
-    args = (tokenizer, B, T, files, stream, num_streams, state, buffer_size, tokenizer_threads)
-    worker = threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = out.get()
-            if isinstance(item, BaseException):
-                raise item
-            both, batch_state = item
-            both = both.to(device, non_blocking=True)
-            yield both[0], both[1], batch_state
-    finally:
-        # join, so that no thread is still inside the tokenizer when the interpreter exits (that aborts it)
-        stop.set()
-        worker.join(timeout=30)
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
-    """Bits per byte (§8.1): summed nats over the bytes of the target tokens, special tokens excluded.
-    Independent of the vocabulary size, so tokenizers can be compared. Sums are all-reduced over ranks."""
-    total_nats = torch.zeros((), dtype=torch.float32, device=token_bytes.device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y = next(batches)[:2]
-        nats = model(x, y, loss_reduction="none").view(-1)
-        y = y.reshape(-1)
-        num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
-        total_nats += (nats * (num_bytes > 0)).sum()
-        total_bytes += num_bytes.sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
-        return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
-
-
-# ---- CORE (§8.2): used by evaluate.py and by pretrain.py at --core-metric-every ----
-
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-
-
-def parse_core_yaml(text):
-    """The few YAML forms core.yaml uses: a top-level key, "-" list items, `key: value` with a scalar,
-    a double-quoted string or a [list]. (PyYAML is not a dependency for one small file.)"""
-    def scalar(v):
-        v = v.strip()
-        if v.startswith('"'):
-            return json.loads(v)  # YAML double-quoted escapes (\n) read like JSON's
-        if v.startswith("["):
-            return [scalar(x) for x in v[1:-1].split(",") if x.strip()]
-        if v in ("true", "false"):
-            return v == "true"
-        return int(v) if v.lstrip("-").isdigit() else v.strip("'")
-    tasks = []
-    for line in text.splitlines():
-        line = line.split(" #")[0].rstrip()
-        if not line.strip() or line.lstrip().startswith("#") or not line.startswith((" ", "-")):
-            continue  # blank, comment, or a top-level header such as "icl_tasks:"
-        if line.startswith("-"):  # a new task, maybe with its first key on the same line
-            tasks.append({})
-            line = line[1:]
-            if not line.strip():
+def read_metrics(path):
+    """Rows of a metrics.jsonl; when the step counter goes backwards (a re-run appended to the file)
+    only the rows of the latest run are kept. Unreadable lines (a crash mid-write) are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
                 continue
-        key, _, value = line.strip().partition(":")
-        tasks[-1][key.strip()] = scalar(value)
-    return tasks
+            if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+                continue
+            if rows and row["step"] < rows[-1]["step"]:
+                rows = []
+            rows.append(row)
+    return rows
 
 
-def ensure_eval_bundle():
-    """<base>/eval_bundle, fetched on first use: the zip from the reference's URL, or with NANOCHAT_MIRROR
-    the unpacked files (core.yaml, eval_meta_data.csv, each task file the mirror has)."""
-    bundle = os.path.join(get_base_dir(), "eval_bundle")
-    if os.path.exists(os.path.join(bundle, "core.yaml")):
-        return bundle
-    tmp = tempfile.mkdtemp(dir=get_base_dir(), prefix="eval_bundle.tmp")
-    try:
-        if os.environ.get("NANOCHAT_MIRROR"):
-            for name in ("core.yaml", "eval_meta_data.csv"):
-                download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/{name}"), os.path.join(tmp, name))
-            with open(os.path.join(tmp, "core.yaml")) as f:
-                uris = [task["dataset_uri"] for task in parse_core_yaml(f.read())]
-            for uri in dict.fromkeys(uris):
-                try:
-                    download_file(source_for(EVAL_BUNDLE_URL, f"eval_bundle/eval_data/{uri}"),
-                                  os.path.join(tmp, "eval_data", uri))
-                except NanochatError as e:  # a mirror may hold only some tasks: CORE is then marked partial
-                    print0(f"eval bundle: {uri} not on the mirror ({e})")
-            for lock in glob.glob(os.path.join(tmp, "**", "*.lock"), recursive=True):
-                os.remove(lock)  # download_file's lock files: not part of the bundle
-            unpacked = tmp
-        else:
-            zip_path = download_file(EVAL_BUNDLE_URL, os.path.join(tmp, "eval_bundle.zip"), desc="eval_bundle.zip")
-            with zipfile.ZipFile(zip_path) as z:
-                z.extractall(tmp)
-            unpacked = os.path.join(tmp, "eval_bundle")
-        os.replace(unpacked, bundle)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return bundle
-
-
-# ---- CORE (§8.2): prompts as plain strings, few-shot blocks separated by a blank line ----
-
-def render_core_mc(item, delim, shots):
-    """One prompt per choice; the choice is the scored continuation."""
-    head = "".join(f"{s['query']}{delim}{s['choices'][s['gold']]}\n\n" for s in shots)
-    return [f"{head}{item['query']}{delim}{choice}" for choice in item["choices"]]
-
-
-def render_core_schema(item, delim, shots):
-    """One prompt per context option; the shared continuation is scored."""
-    head = "".join(f"{s['context_options'][s['gold']]}{delim}{s['continuation']}\n\n" for s in shots)
-    return [f"{head}{context}{delim}{item['continuation']}" for context in item["context_options"]]
-
-
-def render_core_lm(item, delim, shots):
-    """[prompt without the continuation (stripped), prompt with it]."""
-    head = "".join(f"{s['context'].strip()}{delim}{s['continuation']}\n\n" for s in shots)
-    prompt = f"{head}{item['context'].strip()}{delim}"
-    return [prompt.strip(), prompt + item["continuation"]]
-
-
-def continuation_spans(task_type, token_lists):
-    """(start, end) of the scored tokens in each prompt: after the common prefix (MC), the common
-    suffix (schema), or after the prompt without continuation (LM, which is one scored sequence)."""
-    if task_type == "language_modeling":
-        without, with_ = token_lists
-        if with_[:len(without)] != without:
-            raise ValueError("LM prompt without the continuation does not tokenize as a prefix of the full one")
-        return [(len(without), len(with_))]
-    if task_type == "multiple_choice":
-        n = 0
-        while all(len(t) > n for t in token_lists) and len({t[n] for t in token_lists}) == 1:
-            n += 1
-        return [(n, len(t)) for t in token_lists]
-    n = 0
-    while all(len(t) > n for t in token_lists) and len({t[-1 - n] for t in token_lists}) == 1:
-        n += 1
-    return [(len(t) - n, len(t)) for t in token_lists]
-
-
-@torch.no_grad()
-def score_example(model, token_lists, spans, task_type, gold, pad_id):
-    """One forward over all prompts (right-padded). MC/schema: is the gold option the one with the lowest
-    mean loss over its span? LM: does greedy prediction reproduce the continuation exactly?"""
-    width = max(len(t) for t in token_lists)
-    rows = [t + [pad_id] * (width - len(t)) for t in token_lists]
-    ids = torch.tensor(rows, dtype=torch.long, device=model.get_device())
-    logits = model(ids)
-    if task_type == "language_modeling":
-        start, end = spans[0]
-        return bool((logits[0, start - 1:end - 1].argmax(-1) == ids[0, start:end]).all())
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # loss of token t+1
-    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
-    return min(range(len(mean_losses)), key=mean_losses.__getitem__) == gold
-
-
-def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
-    """Accuracy on one task; examples strided over ranks, counts summed. Prompts longer than the model's
-    rotary table are cut from the left (the reference never needs to: its table is 10x the context)."""
-    task_type, delim, num_shots = task["icl_task_type"], task.get("continuation_delimiter", " "), task["num_fewshot"][0]
-    render = {"multiple_choice": render_core_mc, "schema": render_core_schema, "language_modeling": render_core_lm}[task_type]
-    bos = tokenizer.get_bos_token_id()
-    max_len = model.rotary_len
-    correct = torch.zeros(len(data), dtype=torch.float32, device=model.get_device())
-    for idx in range(rank, len(data), world_size):
-        others = [i for i in range(len(data)) if i != idx]
-        shots = [data[i] for i in random.Random(1234 + idx).sample(others, min(num_shots, len(others)))]
-        token_lists = tokenizer.encode(render(data[idx], delim, shots), prepend=bos)
-        spans = continuation_spans(task_type, token_lists)
-        if task_type == "language_modeling":
-            token_lists = token_lists[1:]  # only the full prompt is scored
-        cut = [max(0, len(t) - max_len) for t in token_lists]
-        token_lists = [t[c:] for t, c in zip(token_lists, cut)]
-        spans = [(s - c, e - c) for (s, e), c in zip(spans, cut)]
-        correct[idx] = float(score_example(model, token_lists, spans, task_type, data[idx].get("gold"), bos))
-    if world_size > 1:
-        dist.all_reduce(correct)
-    return correct.mean().item()
-
-
-def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_size=1):
-    """CORE: mean over tasks of accuracy centered on the random baseline. Tasks whose data file is missing
-    are skipped and named; the result is then marked partial. Returns a dict (results, centered, core...)."""
-    if bundle is None:
-        if rank == 0:  # one download; the other ranks wait for it
-            ensure_eval_bundle()
-        if world_size > 1:
-            dist.barrier()
-        bundle = ensure_eval_bundle()
-    with open(os.path.join(bundle, "core.yaml")) as f:
-        tasks = parse_core_yaml(f.read())
-    with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    results, centered, missing = {}, {}, []
-    for task in tasks:
-        label, path = task["label"], os.path.join(bundle, "eval_data", task["dataset_uri"])
-        if not os.path.exists(path):
-            print0(f"CORE: skipping {label}, data file missing: {path}")
-            missing.append(label)
-            continue
-        with open(path) as f:
-            data = [json.loads(line) for line in f if line.strip()]
-        random.Random(1337).shuffle(data)
-        data = data[:max_per_task] if max_per_task > 0 else data
-        t0 = time.time()
-        results[label] = evaluate_core_task(model, tokenizer, data, task, rank, world_size)
-        baseline = 0.01 * baselines[label]
-        centered[label] = (results[label] - baseline) / (1.0 - baseline)
-        print0(f"{label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
-               f"({len(data)} examples, {time.time() - t0:.1f}s)")
-    core = sum(centered.values()) / len(centered) if centered else float("nan")
-    return {"results": results, "centered_results": centered, "core_metric": core,
-            "missing": missing, "partial": bool(missing)}
-
-
-def write_core_csv(path, core):
+def trim_metrics(path, step):
+    """Keep in a stage's metrics.jsonl only the rows from before `step` (a fresh run: none), so a resumed
+    run never shows the steps it redoes twice; a line torn by a kill is dropped. Rank 0 only."""
+    if get_rank() != 0:
+        return
+    rows = read_metrics(path) if step > 0 and os.path.exists(path) else []
     with atomic_write(path, "w") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Task", "Accuracy", "Centered"])
-        for label, acc in core["results"].items():
-            writer.writerow([label, f"{acc:.6f}", f"{core['centered_results'][label]:.6f}"])
-        writer.writerow(["CORE", "", f"{core['core_metric']:.6f}"])
-        if core["partial"]:
-            writer.writerow(["partial: missing " + " ".join(core["missing"]), "", ""])
+        f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] < step)
 
 
-# =============================================================================================
-# 6. Tasks and the code sandbox
-# =============================================================================================
-
-# Every chat dataset is a Task: a list of conversations {"messages": [...], ...} that can be sliced
-# (start/stop/step) and mixed. Data comes from the real public sources (Hugging Face parquet exports,
-# the dwyl word list, Karpathy's identity file), cached under <base>/task_data; NANOCHAT_MIRROR
-# switches every source to the layout of shared/data (see source_for in section 3).
-# HumanEval answers are graded by running them in a sandboxed subprocess (execute_code, at the end).
+def start_run(stage, model_tag, resume_step):
+    """A stage's output folder, made ready: (checkpoint dir, metrics.jsonl path)."""
+    ckpt_dir = checkpoint_dir(stage, model_tag)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+    trim_metrics(metrics_path, max(resume_step, 0))
+    return ckpt_dir, metrics_path
 
 
-HF_HUB = "https://huggingface.co"
-WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
-IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
-# Hugging Face repo -> folder in the mirror layout (shared/data/README.md)
-MIRROR_FOLDERS = {"cais/mmlu": "mmlu", "allenai/ai2_arc": "arc", "openai/gsm8k": "gsm8k",
-                  "openai/openai_humaneval": "humaneval", "HuggingFaceTB/smol-smoltalk": "smoltalk"}
+def resume_run(ckpt_dir, step, device, model, optimizer, rank=0):
+    """--resume-from-step: load the stage's own checkpoint at `step` into model and optimizer; returns its meta."""
+    model_state, optim_state, meta = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
+    if optim_state is None:
+        raise NanochatError(f"no optimizer state for rank {rank} at step {step} in {ckpt_dir}: resume with "
+                            "the same number of processes as the run that saved it")
+    if not isinstance(meta.get("loop_state"), dict):
+        raise NanochatError(f"{ckpt_dir}/meta_{step:06d}.json has no loop_state, so the run cannot continue "
+                            "exactly: start afresh without --resume-from-step")
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+    print0(f"resumed from step {step} of {ckpt_dir}")
+    return meta
 
 
-class MissingSplitError(NanochatError):
-    """A dataset split the source does not have (the shared MMLU sample has no auxiliary_train).
-    Scripts catch it by name to build a mixture without that task when the user asks for it."""
+def run_meta(step, model, args, model_tag, loop_state, **extra):
+    """The checkpoint meta of every stage: the reference's fields, the loop state for resuming, extras."""
+    return {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": vars(args),
+            "model_tag": model_tag, "loop_state": loop_state, **extra}
 
 
-def task_data_dir(*parts):
-    return os.path.join(get_base_dir(), "task_data", *parts)
+def gather_states(state):
+    """Every rank's data-loader state, in rank order, for the checkpoint meta."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
-def hub_listing_url(repo_id, subset, split):
-    """The Hugging Face dataset-viewer endpoint listing the parquet files of one split; the hub converts
-    every public dataset to parquet (branch refs/convert/parquet), so this works for all of them."""
-    return f"{HF_HUB}/api/datasets/{repo_id}/parquet/{subset}/{split}"
+def due(every, step, last, after=-1):
+    """Is a periodic action due: at the last step, and every `every` steps after step `after`. every <= 0
+    (the flags say -1) means never."""
+    return every > 0 and (last or (step > after and step % every == 0))
 
 
-def hub_mirror_relpath(repo_id, subset, split):
-    # a dataset repo keeps its default config in data/ ; a mirror holds one file per split
-    folder = MIRROR_FOLDERS.get(repo_id, repo_id.split("/")[-1])
-    return f"{folder}/{'data' if subset == 'default' else subset}/{split}-00000-of-00001.parquet"
+def scale_lrs(optimizer, factor):
+    """Scale every group's learning rate once, and make that the base the schedules multiply."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        group["initial_lr"] = group["lr"]
 
 
-def source_missing(source):
-    """After a failed download: is it because the file is not there at all (vs. network trouble)?"""
-    if not is_url(source):
-        return not os.path.isfile(source)
-    try:
-        return requests.head(source, allow_redirects=True, timeout=15).status_code == 404
-    except requests.RequestException:
-        return False
+def set_schedule(optimizer, lrm, momentum=None, weight_decay=None):
+    """This step's learning rates (initial_lr x lrm) and, where given, Muon's momentum and weight decay."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = group["momentum"] if momentum is None else momentum
+            group["weight_decay"] = group["weight_decay"] if weight_decay is None else weight_decay
 
 
-def fetch(source, dest_path, what):
-    """download_file, but a source that does not exist becomes a MissingSplitError naming `what`."""
-    try:
-        return download_file(source, dest_path, desc=what)
-    except NanochatError as e:
-        if source_missing(source):
-            raise MissingSplitError(f"{what} is not available from {source}: that split is missing from the "
-                                    "source (a mirror may hold only some splits); leave that task out of the "
-                                    "mixture (see the script's --help) or use a source that has it") from e
-        raise
-
-
-def load_hub_dataset(repo_id, subset, split):
-    """One split of a Hugging Face dataset as a pyarrow Table. The hub lists the split's parquet files,
-    each is downloaded to <base>/task_data/<repo>/<subset>/<split>/NNNNN.parquet; manifest.json is
-    written last, so its presence means the split is complete. Under NANOCHAT_MIRROR the split is the
-    single file hub_mirror_relpath(...)."""
-    what = f"{repo_id} {subset}/{split}"
-    dest = task_data_dir(repo_id.replace("/", "--"), subset, split)
-    manifest = os.path.join(dest, "manifest.json")
-    if not os.path.exists(manifest):
-        listing = hub_listing_url(repo_id, subset, split)
-        source = source_for(listing, hub_mirror_relpath(repo_id, subset, split))
-        if source == listing:  # the real hub: ask which files make up the split
-            with open(fetch(listing, os.path.join(dest, "listing.json"), what)) as f:
-                sources = json.load(f)
-        else:
-            sources = [source]
-        files = [f"{i:05d}.parquet" for i in range(len(sources))]
-        for src, name in zip(sources, files):
-            fetch(src, os.path.join(dest, name), what)
-        with atomic_write(manifest, "w") as f:
-            json.dump({"sources": sources, "files": files}, f)
-    with open(manifest) as f:
-        files = json.load(f)["files"]
-    return pa.concat_tables([pq.read_table(os.path.join(dest, name)) for name in files])
-
-
-def download_task_file(url, mirror_relpath, name):
-    """A single-file source (word list, identity conversations) cached in <base>/task_data/<name>."""
-    return fetch(source_for(url, mirror_relpath), task_data_dir(name), name)
-
+# ======== 6. Tasks (chat datasets) and the code sandbox ===========================================
 
 # ---------------------------------------------------------------------------------------------
 # Task base, mixture
@@ -1387,6 +1508,323 @@ class HumanEval(HubTask):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sandbox for model-written code, in two layers, each child a fresh interpreter:
+# 1. the operating system (SANDBOX_ISOLATE): what the kernel grants is taken, what it refuses is
+#    skipped: own PID, network, IPC and mount namespaces, a chroot into a size-capped tmpfs that
+#    holds only the scratch dir and read-only views of the interpreter and system libraries, an
+#    unprivileged uid of its own (when started as root) or a user namespace (when not), rlimits;
+# 2. the in-process guard (SANDBOX_GUARD): Python-level refusals of process creation, kill, network
+#    and file access outside the scratch dir. It stops accidents; code written to escape gets past
+#    it (a reimported posix, the real FileIO class, _ctypes loaded from its file), hence layer 1.
+# sandbox_layers() says which layers this machine gives. No signals are used in the calling
+# process, so execute_code works from any thread.
+
+SANDBOX_LAYERS = {
+    "uid": "runs as an unprivileged uid of its own (the caller is root)",
+    "userns": "runs in a user namespace (the caller is not root)",
+    "pidns": "own PID namespace: every process it starts dies with it, setsid or not",
+    "netns": "own network namespace: no network, not even 127.0.0.1",
+    "fs": "chrooted into a size-capped tmpfs: scratch dir, read-only Python and /usr, nothing else",
+    "nproc": "at most 32 processes and threads (needs the uid of its own)",
+    "rlimits": "CPU time, address space, size of each file, open files",
+    "guard": "in-process refusal of process creation, kill, network, files outside the scratch dir",
+}
+
+# Runs first in the child (with -S: no site import, half the start-up time), with the caller's rights;
+# ends by exec'ing the guard, which drops every capability the namespaces gave.
+# argv: guard source, temp root, memory bytes, cpu seconds, output bytes
+SANDBOX_ISOLATE = r'''
+import ctypes, os, resource, sys
+guard, root, memory, cpu, output = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+NOATIME, NODIRATIME, ST_RELATIME, STRICTATIME = 1024, 2048, 4096, 1 << 24
+linux, libc = sys.platform.startswith("linux"), ctypes.CDLL(None, use_errno=True)
+exe, scratch, jail, host_pid = sys.executable, os.getcwd(), os.path.join(root, "jail"), os.getpid()
+layers = []
+
+def ok(ret):
+    if ret != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+def mount(src, dst, fstype=None, flags=0, data=None):
+    ok(libc.mount(*(s and os.fsencode(s) for s in (src, dst, fstype)), ctypes.c_ulong(flags), data and data.encode()))
+
+def enter_namespaces():
+    """As a non-root user the user namespace comes first: our uid is 65534 in it, and we hold
+    capabilities there (for the mounts) until the exec of the guard drops them."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        ok(libc.unshare(NEWNS | NEWIPC | NEWNET | NEWPID | (NEWUSER if uid else 0)))
+    except (AttributeError, OSError):  # not Linux, no privilege, or a seccomp filter
+        return False
+    try:
+        if uid:
+            for name, line in (("setgroups", "deny"), ("uid_map", f"65534 {uid} 1"), ("gid_map", f"65534 {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(line)
+            layers.append("userns")
+    except OSError:  # unmapped: the mounts below will fail and be skipped
+        pass
+    layers.extend(["pidns", "netns"])
+    return True
+
+def wait_outside():
+    """Our first child is PID 1 of the new PID namespace; when PID 1 exits, the kernel kills all
+    that is left in it. This process stays outside and waits for it."""
+    pid = os.fork()
+    if pid:
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
+
+def bind(src, dst, readonly=True):
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    mount(src, dst, flags=BIND | REC)
+    if readonly:  # in a user namespace the remount must keep the flags the kernel locked
+        f = os.statvfs(dst).f_flag
+        atime = (f & (NOATIME | NODIRATIME)) | (0 if f & (NOATIME | ST_RELATIME) else STRICTATIME)
+        mount(None, dst, flags=REMOUNT | BIND | RDONLY | NOSUID | NODEV | (f & NOEXEC) | atime)
+
+def build_jail():
+    """The tmpfs's size caps all writing; besides the scratch dir (same path as outside) it holds
+    read-only binds of the interpreter and system libraries, four devices and a /proc that shows only
+    the sandbox's processes. /etc, /home, /root, /sys, /tmp and the project are absent."""
+    mount(None, "/", flags=REC | PRIVATE)  # our mounts are never seen outside
+    os.mkdir(jail)
+    mount("tmpfs", jail, "tmpfs", NOSUID | NODEV, f"size={output},nr_inodes=1024,mode=755")
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(exe)}
+    venv = os.path.dirname(os.path.dirname(exe))  # under -S (no site) sys.prefix is the base, not the venv
+    prefixes |= {venv} if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else set()
+    paths = {"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache"} | prefixes
+    paths |= {os.path.realpath(p) for p in prefixes} | {os.path.dirname(os.path.realpath(exe))}
+    bound = []
+    for path in sorted(paths):  # parents sort before children: a child of a bound path is inside already
+        if path == "/" or not os.path.lexists(path) or any(path.startswith(b + "/") for b in bound):
+            continue
+        if os.path.islink(path):  # merged /usr: /lib -> usr/lib, the same link inside
+            os.makedirs(os.path.dirname(jail + path), exist_ok=True)
+            os.symlink(os.readlink(path), jail + path)
+        else:
+            bind(path, jail + path)
+        bound.append(path)
+    for dev in ("null", "zero", "random", "urandom"):
+        bind("/dev/" + dev, f"{jail}/dev/{dev}", readonly=False)
+    os.mkdir(jail + "/proc")
+    try:  # the PID namespace's own /proc; a user namespace may be refused it (a container's masked /proc)
+        mount("proc", jail + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    except OSError:
+        pass
+    os.makedirs(jail + scratch)
+    if not all(os.path.exists(jail + p) for p in (exe, os.path.realpath(exe), os.__file__)):
+        raise OSError("the interpreter is incomplete inside the jail")
+
+def others_can_run(path):
+    """Whether a uid without rights of its own reaches `path` (a Python under root's 0700 home)."""
+    parts = path.split("/")
+    dirs = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
+    return all(os.stat(d).st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o005 == 0o005
+
+os.umask(0o022)  # the jail's directories must be passable by the sandbox uid whatever the caller's umask
+program = os.open(os.path.join(root, "program.py"), os.O_RDONLY)
+done = os.open(os.path.join(root, "done"), os.O_WRONLY | os.O_CREAT, 0o600)
+report = open(os.path.join(root, "layers"), "w")
+jailed = False
+if linux and enter_namespaces():
+    wait_outside()
+    try:
+        build_jail()
+        jailed = True
+    except OSError:
+        pass
+base = jail if jailed else ""
+own_uid = os.getuid() == 0 and all(others_can_run(base + p) for p in (os.path.realpath(exe), os.path.dirname(os.__file__)))
+if jailed and (own_uid or os.getuid() != 0):  # root that keeps its capabilities could leave a chroot
+    os.chroot(jail)
+    os.chdir(scratch)
+    layers.append("fs")
+limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, output), (resource.RLIMIT_NOFILE, 64)]
+if sys.platform != "darwin":  # macOS does not enforce address-space limits
+    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
+if own_uid:  # a uid no account uses, one per run (host pids are unique), so the process count is its own
+    uid = 2**31 - 2**22 + host_pid
+    os.chown(".", uid, uid)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    limits.append((resource.RLIMIT_NPROC, 32))
+    layers += ["uid", "nproc"]
+if "pidns" in layers:  # if the timeout kills the waiter, this kills PID 1 (until now in the waiter's
+    ok(libc.prctl(1, 9, 0, 0, 0))  # process group, which the caller kills); set after setuid, which clears it
+if linux:
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs (su, sudo) give nothing
+    keyctl = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+    if keyctl:  # KEYCTL_JOIN_SESSION_KEYRING: a new, empty one; the caller's may hold tokens (kerberos...)
+        libc.syscall(keyctl, 1, None)
+for which, value in limits:
+    hard = resource.getrlimit(which)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(which, (value, value))
+report.write(" ".join(layers + ["rlimits", "guard"]))
+report.close()
+os.set_inheritable(program, True)
+os.set_inheritable(done, True)
+os.execv(exe, [exe, "-I", "-X", "utf8", "-c", guard, str(program), str(done)])
+'''
+
+# Runs the untrusted code, after confining the dangerous calls. argv: program fd, done-marker fd
+SANDBOX_GUARD = r'''
+import builtins, faulthandler, io, os, posix, signal, socket, subprocess, sys, _io, _posixsubprocess
+with open(int(sys.argv[1]), encoding="utf-8") as f:
+    source = f.read()
+done, real_open, real_write = int(sys.argv[2]), io.open, os.write
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too much output: the write fails instead of a kill
+faulthandler.disable()
+scratch = os.path.realpath(os.getcwd())
+readable = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+
+def resolve(path, dir_fd=None):
+    if isinstance(path, int):  # an open descriptor: it was checked when it was opened
+        return None
+    path = os.fsdecode(os.fspath(path))
+    if not os.path.isabs(path):
+        path = os.path.join(scratch if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return os.path.realpath(path)
+
+def check(name, path, write, dir_fd=None):
+    real = resolve(path, dir_fd)
+    allowed = [scratch, "/dev/null"] + ([] if write else list(readable))
+    if real is not None and not any(real == a or real.startswith(a + os.sep) for a in allowed):
+        raise PermissionError(f"sandbox: {name}({path!r}) is outside the scratch directory")
+
+def denied(name):
+    def call(*args, **kwargs):
+        raise PermissionError(f"sandbox: {name} is disabled")
+    return call
+
+def confined(name, func, positions=(0,)):
+    def call(*args, **kwargs):
+        for i in positions:  # the path arguments; rename/link also take src_dir_fd/dst_dir_fd
+            if i < len(args):
+                fd = kwargs.get("dir_fd") if len(positions) == 1 else kwargs.get(("src_dir_fd", "dst_dir_fd")[i])
+                check(name, args[i], True, fd)
+        return func(*args, **kwargs)
+    return call
+
+def safe_open(file, mode="r", *args, **kwargs):
+    check("open", file, any(c in mode for c in "wax+"))
+    return real_open(file, mode, *args, **kwargs)
+
+def safe_os_open(path, flags, *args, **kwargs):
+    write = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    check("os.open", path, write, kwargs.get("dir_fd"))
+    return posix_open(path, flags, *args, **kwargs)
+
+class FileIO(_io.FileIO):  # opens files without going through open()
+    def __init__(self, file, mode="r", *args, **kwargs):
+        check("FileIO", file, any(c in mode for c in "wax+"))
+        super().__init__(file, mode, *args, **kwargs)
+
+posix_open = posix.open
+builtins.open = io.open = _io.open = safe_open
+io.FileIO = _io.FileIO = FileIO
+for module in (os, posix):
+    module.open = safe_os_open
+    for name in ("remove", "unlink", "rmdir", "mkdir", "mkfifo", "mknod", "chmod", "chown", "lchown",
+                 "truncate", "utime"):
+        setattr(module, name, confined(name, getattr(module, name)))
+    module.symlink = confined("symlink", module.symlink, positions=(1,))  # only the link must be inside
+    for name in ("rename", "replace", "link"):
+        setattr(module, name, confined(name, getattr(module, name), positions=(0, 1)))
+    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "posix_spawn",
+                 "posix_spawnp", "chdir", "fchdir", "chroot", "fchmod", "fchown", "setuid", "setgid",
+                 "seteuid", "setegid", "setreuid", "setregid"):
+        if hasattr(module, name):
+            setattr(module, name, denied(f"os.{name}"))
+for name in ("connect", "connect_ex", "bind", "sendto", "sendmsg"):
+    setattr(socket.socket, name, denied(f"socket.{name}"))
+subprocess.Popen = denied("subprocess.Popen")
+_posixsubprocess.fork_exec = denied("process creation")
+for name in ("ctypes", "_ctypes", "resource", "_posixsubprocess", "psutil", "pty", "tkinter"):
+    sys.modules[name] = None
+sys.argv = ["<llm>"]
+del f
+exec(compile(source, "<llm>", "exec"), {"__name__": "__main__"})
+real_write(done, b"1")  # reached only if the code ran to its end (no exit(), no exception)
+'''
+
+
+@dataclasses.dataclass
+class ExecutionResult:
+    success: bool       # ran to its end with exit status 0
+    stdout: str
+    stderr: str
+    error: str = None   # last line of stderr (the exception), or why it was stopped
+    timeout: bool = False
+    memory_exceeded: bool = False
+
+
+def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024**2, maximum_output_bytes=16 * 1024**2):
+    """Run untrusted Python `code` in a fresh interpreter, isolated by every layer of SANDBOX_LAYERS this
+    machine gives (sandbox_layers()): own scratch directory as cwd (deleted after), environment reduced to
+    PATH, no stdin, address space capped, output and written files capped at `maximum_output_bytes`, killed
+    with everything it started after `timeout` wall-clock seconds. Uses no signals in the calling process,
+    so any thread may call it."""
+    return _run_sandboxed(code, timeout, maximum_memory_bytes, maximum_output_bytes)[0]
+
+
+def sandbox_layers():
+    """The names of the SANDBOX_LAYERS active on this machine, probed once by running an empty program."""
+    if "layers" not in _probed:
+        _probed["layers"] = _run_sandboxed("pass", 30.0, 256 * 1024**2, 1024**2)[1]
+    return list(_probed["layers"])
+
+
+_probed = {}
+
+
+def _run_sandboxed(code, timeout, maximum_memory_bytes, maximum_output_bytes):
+    """execute_code's work; also returns the layers the child reported."""
+    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as root:
+        os.chmod(root, 0o711)  # a sandbox uid may pass through to its scratch dir, not list the rest
+        scratch, program, done = (os.path.join(root, name) for name in ("scratch", "program.py", "done"))
+        os.mkdir(scratch)
+        with open(program, "w", encoding="utf-8") as f:
+            f.write(code)
+        command = [sys.executable, "-I", "-S", "-c", SANDBOX_ISOLATE, SANDBOX_GUARD, root, str(maximum_memory_bytes),
+                   str(math.ceil(timeout) + 1), str(maximum_output_bytes)]
+        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "OMP_NUM_THREADS": "1"}
+        with open(os.path.join(root, "stdout"), "w+b") as out, open(os.path.join(root, "stderr"), "w+b") as err:
+            # own session: on timeout the whole process group is killed (the PID namespace takes the rest)
+            proc = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                timed_out = True
+            out.seek(0), err.seek(0)
+            stdout, stderr = (f.read(maximum_output_bytes).decode("utf-8", "replace") for f in (out, err))
+        success = proc.returncode == 0 and os.path.exists(done) and os.path.getsize(done) > 0 and not timed_out
+        layers_file = os.path.join(root, "layers")
+        layers = open(layers_file).read().split() if os.path.exists(layers_file) else []
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if timed_out:
+        error = "Execution timed out"
+    elif not success:
+        error = lines[-1] if lines else f"exited with status {proc.returncode} before the end of the code"
+    else:
+        error = None
+    memory_exceeded = "MemoryError" in stderr or "Cannot allocate memory" in stderr
+    return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded), layers
+
+
+# ---------------------------------------------------------------------------------------------
 # Free-form conversations: SmolTalk, CustomJSON (identity)
 
 
@@ -1538,273 +1976,7 @@ class SimpleSpelling(Task):
         return response.strip() == conversation["messages"][-1]["content"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Sandbox for model-written code. It stops accidents (runaway loops, huge allocations, a stray
-# rmtree or kill), not a determined attacker: ctypes-free bypasses like posix internals remain.
-# No signals are used in this process, so it works from any thread.
-
-# Runs in the child before the untrusted code: limits, then confinement of the dangerous calls.
-# argv: program path, scratch dir, memory bytes, cpu seconds, max output bytes, done-marker path
-SANDBOX_GUARD = r'''
-import builtins, faulthandler, io, os, posix, resource, signal, subprocess, sys, _io, _posixsubprocess
-program, scratch, memory, cpu, output, done = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
-real_open = io.open
-with real_open(program, encoding="utf-8") as f:
-    source = f.read()
-limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, output)]
-if sys.platform != "darwin":  # macOS does not enforce address-space limits
-    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
-for which, value in limits:
-    hard = resource.getrlimit(which)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(which, (value, value))
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too much output: the write fails instead of a kill
-faulthandler.disable()
-scratch = os.path.realpath(scratch)
-readable = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
-
-def resolve(path, dir_fd=None):
-    if isinstance(path, int):  # an open descriptor: it was checked when it was opened
-        return None
-    path = os.fsdecode(os.fspath(path))
-    if not os.path.isabs(path):
-        path = os.path.join(scratch if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-    return os.path.realpath(path)
-
-def check(name, path, write, dir_fd=None):
-    real = resolve(path, dir_fd)
-    allowed = [scratch, "/dev/null"] + ([] if write else list(readable))
-    if real is not None and not any(real == a or real.startswith(a + os.sep) for a in allowed):
-        raise PermissionError(f"sandbox: {name}({path!r}) is outside the scratch directory")
-
-def denied(name):
-    def call(*args, **kwargs):
-        raise PermissionError(f"sandbox: {name} is disabled")
-    return call
-
-def confined(name, func, positions=(0,)):
-    def call(*args, **kwargs):
-        for i in positions:  # the path arguments; rename/link also take src_dir_fd/dst_dir_fd
-            if i < len(args):
-                fd = kwargs.get("dir_fd") if len(positions) == 1 else kwargs.get(("src_dir_fd", "dst_dir_fd")[i])
-                check(name, args[i], True, fd)
-        return func(*args, **kwargs)
-    return call
-
-def safe_open(file, mode="r", *args, **kwargs):
-    check("open", file, any(c in mode for c in "wax+"))
-    return real_open(file, mode, *args, **kwargs)
-
-def safe_os_open(path, flags, *args, **kwargs):
-    write = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
-    check("os.open", path, write, kwargs.get("dir_fd"))
-    return posix_open(path, flags, *args, **kwargs)
-
-posix_open = posix.open
-builtins.open = io.open = _io.open = safe_open
-for module in (os, posix):
-    module.open = safe_os_open
-    for name in ("remove", "unlink", "rmdir", "mkdir", "mkfifo", "mknod", "chmod", "chown", "lchown",
-                 "truncate", "utime"):
-        setattr(module, name, confined(name, getattr(module, name)))
-    module.symlink = confined("symlink", module.symlink, positions=(1,))  # only the link must be inside
-    for name in ("rename", "replace", "link"):
-        setattr(module, name, confined(name, getattr(module, name), positions=(0, 1)))
-    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "posix_spawn",
-                 "posix_spawnp", "chdir", "fchdir", "chroot", "fchmod", "fchown", "setuid", "setgid",
-                 "seteuid", "setegid", "setreuid", "setregid"):
-        if hasattr(module, name):
-            setattr(module, name, denied(f"os.{name}"))
-subprocess.Popen = denied("subprocess.Popen")
-_posixsubprocess.fork_exec = denied("process creation")
-for name in ("ctypes", "_ctypes", "resource", "_posixsubprocess", "psutil", "pty", "tkinter"):
-    sys.modules[name] = None
-sys.argv = ["<llm>"]
-del f
-exec(compile(source, "<llm>", "exec"), {"__name__": "__main__"})
-real_open(done, "w").close()  # reached only if the code ran to its end (no exit(), no exception)
-'''
-
-
-@dataclasses.dataclass
-class ExecutionResult:
-    success: bool       # ran to its end with exit status 0
-    stdout: str
-    stderr: str
-    error: str = None   # last line of stderr (the exception), or why it was stopped
-    timeout: bool = False
-    memory_exceeded: bool = False
-
-
-def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024**2, maximum_output_bytes=16 * 1024**2):
-    """Run untrusted Python `code` in a fresh interpreter: own scratch directory as cwd (deleted after),
-    environment reduced to PATH, no stdin, address space capped, output capped, killed after `timeout`
-    wall-clock seconds; process creation, kill, and writes/deletes outside the scratch directory raise
-    PermissionError. Uses no signals in the calling process, so any thread may call it."""
-    with tempfile.TemporaryDirectory(prefix="nanochat_sandbox_", ignore_cleanup_errors=True) as root:
-        scratch, program, done = (os.path.join(root, name) for name in ("scratch", "program.py", "done"))
-        os.mkdir(scratch)
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(code)
-        command = [sys.executable, "-I", "-X", "utf8", "-c", SANDBOX_GUARD, program, scratch,
-                   str(maximum_memory_bytes), str(math.ceil(timeout) + 1), str(maximum_output_bytes), done]
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "OMP_NUM_THREADS": "1"}
-        with open(os.path.join(root, "stdout"), "w+b") as out, open(os.path.join(root, "stderr"), "w+b") as err:
-            # own session: on timeout the whole process group is killed
-            proc = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, start_new_session=True)
-            try:
-                proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                timed_out = True
-            out.seek(0), err.seek(0)
-            stdout, stderr = (f.read(maximum_output_bytes).decode("utf-8", "replace") for f in (out, err))
-        success = proc.returncode == 0 and os.path.exists(done) and not timed_out
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    if timed_out:
-        error = "Execution timed out"
-    elif not success:
-        error = lines[-1] if lines else f"exited with status {proc.returncode} before the end of the code"
-    else:
-        error = None
-    memory_exceeded = "MemoryError" in stderr or "Cannot allocate memory" in stderr
-    return ExecutionResult(success, stdout, stderr, error, timed_out, memory_exceeded)
-
-
-# ---- chat evaluation: shared by evaluate.py (--stage sft|rl) and sft.py (ChatCORE during training) ----
-
-# name -> (task at its eval split, accuracy of random guessing); ChatCORE centers on the latter (§8.4).
-# SpellingBee is the sixth ChatCORE task, as in the reference's last version that had it.
-CHAT_TASKS = {
-    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
-    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
-    "MMLU": (lambda: MMLU("all", "test"), 0.25),
-    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
-    "HumanEval": (lambda: HumanEval(), 0.0),
-    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
-}
-CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
-
-
-def parse_chat_tasks(spec):
-    """'ARC-Easy,MMLU' (or the reference's 'ARC-Easy|MMLU'; empty = all) -> validated list of names."""
-    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()] or list(CHAT_TASKS)
-    unknown = [n for n in names if n not in CHAT_TASKS]
-    if unknown:
-        raise NanochatError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(CHAT_TASKS)}")
-    return names
-
-
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def sum_over_ranks(count, device):
-    t = torch.tensor(count, dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
-def report_progress(name, done, correct, total, world, t0):
-    """One self-overwriting line: problems done (all ranks, estimated), rank 0's accuracy so far, ETA."""
-    done_all = min(done * world, total)
-    eta = (time.time() - t0) / max(done_all, 1) * (total - done_all)
-    print0(f"\r{name}: {done_all}/{total} ({correct / max(done, 1):.1%}) eta {eta:.0f}s ", end="")
-
-
-def letter_token_ids(tokenizer, letters):
-    ids = [tokenizer.encode(letter) for letter in letters]
-    if any(len(i) != 1 for i in ids):
-        raise NanochatError(f"answer letters {letters} do not each encode to one token with this tokenizer: "
-                            "categorical evaluation needs single-token letters")
-    return [i[0] for i in ids]
-
-
-@torch.no_grad()
-def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None, name="task"):
-    """Multiple choice without sampling: one forward per batch of prompts (right-padded with BOS), and the
-    answer is the allowed letter whose logit is highest at the <|assistant_start|> position.
-    Batches are strided over ranks. Returns (num_correct, num_problems) summed over ranks."""
-    rank, world = rank_and_world()
-    device = next(model.parameters()).device
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    bos = tokenizer.get_bos_token_id()
-    correct, done, t0 = 0, 0, time.time()
-    for start in range(rank * batch_size, n, world * batch_size):
-        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        width = max(map(len, prompts))
-        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(ids)
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation["letters"]
-            scores = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]
-            correct += bool(task.evaluate(conversation, letters[scores.argmax().item()]))
-        done += len(conversations)
-        report_progress(name, done, correct, n, world, t0)
-    print0()
-    return sum_over_ranks(correct, device), n
-
-
-@torch.no_grad()
-def run_generative(model, tokenizer, task, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                   max_problems=None, name="task"):
-    """Sample `num_samples` completions per problem (KV-cache engine, tools on) and grade them; a problem
-    passes if any sample does (pass@num_samples). Problems are strided over ranks.
-    Returns (num_passed, num_problems) summed over ranks."""
-    rank, world = rank_and_world()
-    device = next(model.parameters()).device
-    engine = Engine(model, tokenizer)
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    passed, done, t0 = 0, 0, time.time()
-    for i in range(rank, n, world):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
-        passed += any(task.evaluate(conversation, c) for c in completions)
-        done += 1
-        report_progress(name, done, passed, n, world, t0)
-    print0()
-    return sum_over_ranks(passed, device), n
-
-
-def run_chat_eval(name, model, tokenizer, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0,
-                  top_k=50, max_problems=None):
-    """Accuracy of the model on one task of CHAT_TASKS (categorical or generative as the task says)."""
-    task = CHAT_TASKS[name][0]()
-    if task.eval_type == "categorical":
-        correct, total = run_categorical(model, tokenizer, task, batch_size, max_problems, name)
-    else:
-        correct, total = run_generative(model, tokenizer, task, num_samples, max_new_tokens, temperature,
-                                        top_k, max_problems, name)
-    return correct / max(total, 1)
-
-
-def chatcore(accuracies, names=tuple(CHAT_TASKS)):
-    """Mean over `names` of the accuracy centered on random guessing: 0 = chance, 1 = perfect.
-    None unless every one of `names` was evaluated."""
-    if not all(n in accuracies for n in names):
-        return None
-    return sum((accuracies[n] - CHAT_TASKS[n][1]) / (1 - CHAT_TASKS[n][1]) for n in names) / len(names)
-
-
-# =============================================================================================
-# 7. Inference engine and calculator tool
-# =============================================================================================
-
-# (owner: engine work)
-# Sampling with a KV cache (prefill once, decode many rows), the calculator tool the model may call
-# with <|python_start|>expr<|python_end|>, and the helpers chat front-ends share: the prompt builder
-# that trims long conversations, and a streamer that turns tokens into safe, readable text.
-
+# ======== 7. Inference engine and calculator tool =================================================
 
 CALC_MAX_CHARS = 256      # a longer "expression" is not arithmetic a model needs
 CALC_MAX_BITS = 1024      # ints are capped at 2**1024 (~308 digits): no huge powers or products
@@ -1861,46 +2033,8 @@ def use_calculator(expr):
         return None
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens,
-    top_p the smallest set of them whose probability reaches p; draws come from the seeded `rng`."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    ids = None
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
-    logits = logits / temperature
-    if top_p is not None and top_p < 1.0:
-        if ids is None:
-            logits, ids = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(logits, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it: kept
-        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
-    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
-
-
-class RowState:
-    """Per-sample decoding state: tokens the engine must force next, and the tool-call parser."""
-
-    def __init__(self):
-        self.forced = collections.deque()  # e.g. <|output_start|> result <|output_end|> after a call
-        self.in_python = False
-        self.expression = []
-        self.done = None  # the terminal token once the row has finished
-
-
-def keep_cache_rows(kv_cache, rows):
-    """Shrink the decode batch to `rows` (a LongTensor of indices) so finished samples stop costing compute."""
-    kv_cache.k_cache = kv_cache.k_cache.index_select(1, rows)
-    kv_cache.v_cache = kv_cache.v_cache.index_select(1, rows)
-    kv_cache.cache_seqlens = kv_cache.cache_seqlens.index_select(0, rows)
-    if kv_cache.prev_embedding is not None:
-        kv_cache.prev_embedding = kv_cache.prev_embedding.index_select(0, rows)
-
-
 class Engine:
-    """Sampling from a GPT with a KV cache and the calculator tool (facts §12.1).
+    """Sampling from a GPT with a KV cache and the calculator tool.
 
     The prompt is run once on a batch-1 cache, copied into `num_samples` rows that then sample
     independently. A row stops at <|assistant_end|> or <|bos|> and leaves the batch (its cache rows are
@@ -1909,33 +2043,21 @@ class Engine:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
-        special = tokenizer.encode_special
-        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_tokens = ReplyParser(tokenizer).stops
+        self.output_start, self.output_end = (tokenizer.encode_special(f"<|output_{s}|>") for s in ("start", "end"))
         self.drop_finished = True  # False: finished rows stay in the batch, as in the reference (bench.py A/B)
 
-    def make_cache(self, batch_size, seq_len, device):
-        from model import KVCache
-        config = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device)
-
     def next_token(self, row, sampled):
-        """Pick this row's token (a forced tool token wins over the sample) and advance its tool parser.
-        Returns (token, mask) with mask 0 for forced tokens."""
-        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
-        if token in self.stop_tokens:
-            row.done = token
-        elif token == self.python_start:
-            row.in_python, row.expression = True, []
-        elif token == self.python_end and row.in_python:
-            row.in_python = False
-            result = use_calculator(self.tokenizer.decode(row.expression))
+        """Pick this row's token (a forced tool token wins over the sample) and advance its parser.
+        Returns (token, mask) with mask 0 for forced tokens. row: {"parser", "forced", "done"}."""
+        token, mask = (row["forced"].popleft(), 0) if row["forced"] else (sampled, 1)
+        what = row["parser"].push(token)
+        if what == "stop":
+            row["done"] = token
+        elif what == "close" and row["parser"].ended[0] == "python":
+            result = use_calculator(self.tokenizer.decode(row["parser"].ended[1]))
             if result is not None:
-                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-        elif row.in_python:
-            row.expression.append(token)
+                row["forced"].extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
         return token, mask
 
     @torch.inference_mode()
@@ -1943,32 +2065,33 @@ class Engine:
         """Yield (token_column, mask_column), one entry per sample, for each generated position.
         A finished sample repeats its terminal token with mask 0 until the others finish.
         max_tokens None: until the model's context (sequence_len) is full."""
-        device = next(self.model.parameters()).device
+        device = self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         if max_tokens is None:
             max_tokens = max(self.model.config.sequence_len - len(tokens), 0)
         if max_tokens <= 0:
             return
-        prompt_cache = self.make_cache(1, len(tokens), device)
+        prompt_cache = self.model.new_kv_cache(1, len(tokens))
         logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prompt_cache)
         logits = logits[:, -1, :].expand(num_samples, -1)
-        cache = self.make_cache(num_samples, len(tokens) + max_tokens, device)
+        cache = self.model.new_kv_cache(num_samples, len(tokens) + max_tokens)
         cache.prefill(prompt_cache)
         del prompt_cache
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [{"parser": ReplyParser(self.tokenizer), "forced": collections.deque(), "done": None}
+                for _ in range(num_samples)]
         active = list(range(num_samples))  # rows still sampling, in the order of the cache's batch
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
-            column = [(row.done, 0) for row in rows]
+            column = [(row["done"], 0) for row in rows]
             for i, sample in zip(active, sampled):
-                if rows[i].done is None:
+                if rows[i]["done"] is None:
                     column[i] = self.next_token(rows[i], sample)
             yield [token for token, _ in column], [mask for _, mask in column]
-            still = [j for j, i in enumerate(active) if rows[i].done is None]
+            still = [j for j, i in enumerate(active) if rows[i]["done"] is None]
             if not still or step == max_tokens - 1:
                 break
             if len(still) < len(active) and self.drop_finished:
-                keep_cache_rows(cache, torch.tensor(still, device=device))
+                cache.keep_rows(torch.tensor(still, device=device))
                 active = [active[j] for j in still]
             ids = torch.tensor([[column[i][0]] for i in active], dtype=torch.long, device=device)
             logits = self.model(ids, kv_cache=cache)[:, -1, :]
@@ -1989,109 +2112,284 @@ class Engine:
         return sequences, masks
 
 
-# ---- chat helpers shared by chat.py and serve.py ----
+# ======== 8. Evaluation: bits per byte, CORE, chat tasks ==========================================
 
-def build_chat_prompt(tokenizer, messages, max_context, reserve):
-    """Prompt ids asking for the assistant's reply to `messages` ([system,] user, assistant, ..., user).
-    When prompt + `reserve` reply tokens exceed `max_context`, whole turns (user + assistant) are dropped,
-    oldest first; a system message stays (it is folded into the first remaining user turn).
-    Returns (ids, number of turns dropped) so the caller can tell the user; ValueError when even the
-    last user message alone does not fit."""
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("the conversation must end with a user message")
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = list(messages[len(system):])
-    budget = max_context - reserve
-    assistant_start = tokenizer.encode_special("<|assistant_start|>")
-    dropped = 0
-    while True:
-        ids, _ = tokenizer.render_conversation({"messages": system + turns}, max_tokens=10**9)
-        ids.append(assistant_start)
-        if len(ids) <= budget:
-            return ids, dropped
-        if len(turns) <= 1:
-            raise ValueError(f"the message is too long: {len(ids)} tokens plus {reserve} for the reply exceed "
-                             f"the model's context of {max_context}; send a shorter message")
-        turns, dropped = turns[2:], dropped + 1
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Bits per byte: summed nats over the bytes of the target tokens, special tokens excluded.
+    Independent of the vocabulary size, so tokenizers can be compared. Sums are all-reduced over ranks."""
+    total_nats = torch.zeros((), dtype=torch.float32, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = next(batches)[:2]
+        nats = model(x, y, loss_reduction="none").view(-1)
+        y = y.reshape(-1)
+        num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        total_nats += (nats * (num_bytes > 0)).sum()
+        total_bytes += num_bytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
-class Utf8Streamer:
-    """Turns generated token ids into display text as they arrive: push(token) -> new text, flush() at the
-    end. Bytes of a multi-byte character split across tokens are held back until the character is
-    complete (invalid bytes show as U+FFFD). Tool calls read as "[calculator: 2+3 = 5]", other special
-    tokens (<|assistant_end|>, ...) print nothing."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        special = tokenizer.encode_special
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.specials = {special(name) for name in tokenizer.get_special_tokens()}
-        self.state = "text"  # text | call (expression) | await (call done, result may follow) | output
-
-    def push(self, token):
-        text = self.utf8.decode(b"", final=True) if token in self.specials else ""
-        if self.state == "await" and token != self.output_start:  # the calculator gave no result
-            text, self.state = text + "]", "text"
-        if token == self.python_start:
-            text, self.state = text + "[calculator: ", "call"
-        elif token == self.python_end and self.state == "call":
-            self.state = "await"
-        elif token == self.output_start:
-            text, self.state = text + (" = " if self.state == "await" else "[output: "), "output"
-        elif token == self.output_end and self.state == "output":
-            text, self.state = text + "]", "text"
-        elif token not in self.specials:
-            text += self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))
-        return text
-
-    def flush(self):
-        text = self.utf8.decode(b"", final=True)
-        if self.state != "text":
-            text, self.state = text + "]", "text"
-        return text
+# completed greedily during pretraining and by `evaluate.py --eval sample`
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 
-def display_text(tokenizer, tokens):
-    """The whole reply as readable text (see Utf8Streamer)."""
-    streamer = Utf8Streamer(tokenizer)
-    return "".join(streamer.push(token) for token in tokens) + streamer.flush()
+def sample_prompts(model, tokenizer):
+    """Print the fixed prompts completed greedily: a glance at what a base model has learned."""
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        print0(repr(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0)))))
 
 
-def reply_to_content(tokenizer, tokens):
-    """Generated tokens -> assistant message content for the conversation history: a str, or a list of
-    {"type": "text"|"python"|"python_output", "text"} parts when the reply called the tool.
-    Stops at <|assistant_end|> / <|bos|>."""
-    special = tokenizer.encode_special
-    kinds = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output",
-             special("<|python_end|>"): "text", special("<|output_end|>"): "text"}
-    stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    parts, kind, current = [], "text", []
-    for token in list(tokens) + [None]:
-        if token is None or token in stops or token in kinds:
-            if current or kind != "text":
-                parts.append({"type": kind, "text": tokenizer.decode(current)})
-            if token is None or token in stops:
-                break
-            kind, current = kinds[token], []
-        else:
-            current.append(token)
-    if all(part["type"] == "text" for part in parts):
-        return "".join(part["text"] for part in parts)
-    return parts
+# ---- CORE: prompts as plain strings, few-shot blocks separated by a blank line ----
+
+def render_core_mc(item, delim, shots):
+    """One prompt per choice; the choice is the scored continuation."""
+    head = "".join(f"{s['query']}{delim}{s['choices'][s['gold']]}\n\n" for s in shots)
+    return [f"{head}{item['query']}{delim}{choice}" for choice in item["choices"]]
 
 
-# =============================================================================================
-# 8. Report card
-# =============================================================================================
+def render_core_schema(item, delim, shots):
+    """One prompt per context option; the shared continuation is scored."""
+    head = "".join(f"{s['context_options'][s['gold']]}{delim}{s['continuation']}\n\n" for s in shots)
+    return [f"{head}{context}{delim}{item['continuation']}" for context in item["context_options"]]
 
-# (owner: SPEEDRUN)
-#   report_section(title, items, column=None) -> path   <base>/report/<slug>.md (+ .json), rank 0 only
-#   log_metrics(path, **row)                             append one JSON line to a stage's metrics.jsonl
-#   generate_report(copy_to=".") -> path                 <base>/report/report.md + report_curves.svg
-# Sections are plain markdown files, so a crashed stage leaves the others intact and a re-run of one
-# stage simply overwrites its own file; generate_report() only stitches them together.
+
+def render_core_lm(item, delim, shots):
+    """[prompt without the continuation (stripped), prompt with it]."""
+    head = "".join(f"{s['context'].strip()}{delim}{s['continuation']}\n\n" for s in shots)
+    prompt = f"{head}{item['context'].strip()}{delim}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+def continuation_spans(task_type, token_lists):
+    """(start, end) of the scored tokens in each prompt: after the common prefix (MC), the common
+    suffix (schema), or after the prompt without continuation (LM, which is one scored sequence)."""
+    if task_type == "language_modeling":
+        without, with_ = token_lists
+        if with_[:len(without)] != without:
+            raise ValueError("LM prompt without the continuation does not tokenize as a prefix of the full one")
+        return [(len(without), len(with_))]
+    if task_type == "multiple_choice":
+        n = 0
+        while all(len(t) > n for t in token_lists) and len({t[n] for t in token_lists}) == 1:
+            n += 1
+        return [(n, len(t)) for t in token_lists]
+    n = 0
+    while all(len(t) > n for t in token_lists) and len({t[-1 - n] for t in token_lists}) == 1:
+        n += 1
+    return [(len(t) - n, len(t)) for t in token_lists]
+
+
+@torch.no_grad()
+def score_example(model, token_lists, spans, task_type, gold, pad_id):
+    """One forward over all prompts (right-padded). MC/schema: is the gold option the one with the lowest
+    mean loss over its span? LM: does greedy prediction reproduce the continuation exactly?"""
+    width = max(len(t) for t in token_lists)
+    rows = [t + [pad_id] * (width - len(t)) for t in token_lists]
+    ids = torch.tensor(rows, dtype=torch.long, device=model.get_device())
+    logits = model(ids)
+    if task_type == "language_modeling":
+        start, end = spans[0]
+        return bool((logits[0, start - 1:end - 1].argmax(-1) == ids[0, start:end]).all())
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # loss of token t+1
+    mean_losses = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    return min(range(len(mean_losses)), key=mean_losses.__getitem__) == gold
+
+
+def evaluate_core_task(model, tokenizer, data, task, rank=0, world_size=1):
+    """Accuracy on one task; examples strided over ranks, counts summed. Prompts longer than the model's
+    rotary table are cut from the left (the reference never needs to: its table is 10x the context)."""
+    task_type, delim, num_shots = task["icl_task_type"], task.get("continuation_delimiter", " "), task["num_fewshot"][0]
+    render = {"multiple_choice": render_core_mc, "schema": render_core_schema, "language_modeling": render_core_lm}[task_type]
+    bos = tokenizer.get_bos_token_id()
+    max_len = model.rotary_len
+    correct = torch.zeros(len(data), dtype=torch.float32, device=model.get_device())
+    for idx in range(rank, len(data), world_size):
+        others = [i for i in range(len(data)) if i != idx]
+        shots = [data[i] for i in random.Random(1234 + idx).sample(others, min(num_shots, len(others)))]
+        token_lists = tokenizer.encode(render(data[idx], delim, shots), prepend=bos)
+        spans = continuation_spans(task_type, token_lists)
+        if task_type == "language_modeling":
+            token_lists = token_lists[1:]  # only the full prompt is scored
+        cut = [max(0, len(t) - max_len) for t in token_lists]
+        token_lists = [t[c:] for t, c in zip(token_lists, cut)]
+        spans = [(s - c, e - c) for (s, e), c in zip(spans, cut)]
+        correct[idx] = float(score_example(model, token_lists, spans, task_type, data[idx].get("gold"), bos))
+    if world_size > 1:
+        dist.all_reduce(correct)
+    return correct.mean().item()
+
+
+def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_size=1):
+    """CORE: mean over tasks of accuracy centered on the random baseline. Tasks whose data file is missing
+    are skipped and named; the result is then marked partial. Returns a dict (results, centered, core...)."""
+    if bundle is None:
+        if rank == 0:  # one download; the other ranks wait for it
+            ensure_eval_bundle()
+        if world_size > 1:
+            dist.barrier()
+        bundle = ensure_eval_bundle()
+    with open(os.path.join(bundle, "core.yaml")) as f:
+        tasks = parse_core_yaml(f.read())
+    with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    results, centered, missing = {}, {}, []
+    for task in tasks:
+        label, path = task["label"], os.path.join(bundle, "eval_data", task["dataset_uri"])
+        if not os.path.exists(path):
+            print0(f"CORE: skipping {label}, data file missing: {path}")
+            missing.append(label)
+            continue
+        with open(path) as f:
+            data = [json.loads(line) for line in f if line.strip()]
+        random.Random(1337).shuffle(data)
+        data = data[:max_per_task] if max_per_task > 0 else data
+        t0 = time.time()
+        results[label] = evaluate_core_task(model, tokenizer, data, task, rank, world_size)
+        baseline = 0.01 * baselines[label]
+        centered[label] = (results[label] - baseline) / (1.0 - baseline)
+        print0(f"{label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
+               f"({len(data)} examples, {time.time() - t0:.1f}s)")
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered_results": centered, "core_metric": core,
+            "missing": missing, "partial": bool(missing)}
+
+
+def write_core_csv(path, core):
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Task", "Accuracy", "Centered"])
+        for label, acc in core["results"].items():
+            writer.writerow([label, f"{acc:.6f}", f"{core['centered_results'][label]:.6f}"])
+        writer.writerow(["CORE", "", f"{core['core_metric']:.6f}"])
+        if core["partial"]:
+            writer.writerow(["partial: missing " + " ".join(core["missing"]), "", ""])
+
+
+# ---- chat evaluation: evaluate.py --stage sft|rl, and ChatCORE during sft.py ----
+
+# name -> (task at its eval split, accuracy of random guessing); ChatCORE centers on the latter.
+# SpellingBee is the sixth ChatCORE task, as in the reference's last version that had it.
+CHAT_TASKS = {
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
+    "HumanEval": (lambda: HumanEval(), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")
+
+
+def parse_chat_tasks(spec):
+    """'ARC-Easy,MMLU' (or the reference's 'ARC-Easy|MMLU'; empty = all) -> validated list of names."""
+    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()] or list(CHAT_TASKS)
+    unknown = [n for n in names if n not in CHAT_TASKS]
+    if unknown:
+        raise NanochatError(f"unknown chat task(s) {', '.join(unknown)}: choose from {', '.join(CHAT_TASKS)}")
+    return names
+
+
+def sum_over_ranks(count, device):
+    t = torch.tensor(count, dtype=torch.long, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def report_progress(name, done, correct, total, world, t0):
+    """Problems done (all ranks, estimated), rank 0's accuracy so far, ETA: one line rewritten on a terminal."""
+    done_all = min(done * world, total)
+    eta = (time.time() - t0) / max(done_all, 1) * (total - done_all)
+    print_progress(f"{name}: {done_all}/{total} ({correct / max(done, 1):.1%}) | eta {format_duration(eta)}",
+                   final=done_all >= total)
+
+
+def letter_token_ids(tokenizer, letters):
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise NanochatError(f"answer letters {letters} do not each encode to one token with this tokenizer: "
+                            "categorical evaluation needs single-token letters")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, batch_size=8, max_problems=None, name="task"):
+    """Multiple choice without sampling: one forward per batch of prompts (right-padded with BOS), and the
+    answer is the allowed letter whose logit is highest at the <|assistant_start|> position.
+    Batches are strided over ranks. Returns (num_correct, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos = tokenizer.get_bos_token_id()
+    correct, done, t0 = 0, 0, time.time()
+    for start in range(rank * batch_size, n, world * batch_size):
+        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(map(len, prompts))
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            scores = logits[row, len(prompt) - 1, letter_token_ids(tokenizer, letters)]
+            correct += bool(task.evaluate(conversation, letters[scores.argmax().item()]))
+        done += len(conversations)
+        report_progress(name, done, correct, n, world, t0)
+    return sum_over_ranks(correct, device), n
+
+
+@torch.no_grad()
+def run_generative(model, tokenizer, task, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   max_problems=None, name="task"):
+    """Sample `num_samples` completions per problem (KV-cache engine, tools on) and grade them; a problem
+    passes if any sample does (pass@num_samples). Problems are strided over ranks.
+    Returns (num_passed, num_problems) summed over ranks."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    engine = Engine(model, tokenizer)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    passed, done, t0 = 0, 0, time.time()
+    for i in range(rank, n, world):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k)
+        completions = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        passed += any(task.evaluate(conversation, c) for c in completions)
+        done += 1
+        report_progress(name, done, passed, n, world, t0)
+    return sum_over_ranks(passed, device), n
+
+
+def run_chat_eval(name, model, tokenizer, batch_size=8, num_samples=1, max_new_tokens=512, temperature=0.0,
+                  top_k=50, max_problems=None):
+    """Accuracy of the model on one task of CHAT_TASKS (categorical or generative as the task says)."""
+    task = CHAT_TASKS[name][0]()
+    if task.eval_type == "categorical":
+        correct, total = run_categorical(model, tokenizer, task, batch_size, max_problems, name)
+    else:
+        correct, total = run_generative(model, tokenizer, task, num_samples, max_new_tokens, temperature,
+                                        top_k, max_problems, name)
+    return correct / max(total, 1)
+
+
+def chatcore(accuracies, names=tuple(CHAT_TASKS)):
+    """Mean over `names` of the accuracy centered on random guessing: 0 = chance, 1 = perfect.
+    None unless every one of `names` was evaluated."""
+    if not all(n in accuracies for n in names):
+        return None
+    return sum((accuracies[n] - CHAT_TASKS[n][1]) / (1 - CHAT_TASKS[n][1]) for n in names) / len(names)
+
+
+# ======== 9. Report card ==========================================================================
 
 REPORT_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-evaluation",
                 "chat-sft", "chat-evaluation-sft", "chat-rl", "chat-evaluation-rl"]
@@ -2145,31 +2443,6 @@ def report_section(title, items, column=None):
     write_text_atomic(path[:-3] + ".json", json.dumps({"title": title, "column": column, "figures": figures}))
     write_text_atomic(path, "\n\n".join(parts) + "\n")
     return path
-
-
-def log_metrics(path, **row):
-    """Append one row (step=..., loss=..., val_bpb=...) to a stage's metrics.jsonl, rank 0 only."""
-    if get_rank() == 0:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path):
-    """Rows of a metrics.jsonl; when the step counter goes backwards (a re-run appended to the file)
-    only the rows of the latest run are kept. Unreadable lines (a crash mid-write) are skipped."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-                continue
-            if rows and row["step"] < rows[-1]["step"]:
-                rows = []
-            rows.append(row)
-    return rows
 
 
 def find_metrics_files(base_dir):

@@ -7,12 +7,12 @@ Chat model (after sft.py / rl.py): ARC, MMLU, GSM8K, HumanEval, SpellingBee and 
 Any of these also runs under torchrun, e.g. torchrun --nproc_per_node=8 evaluate.py --stage base
 """
 
-import argparse
 import os
 
-from common import (CHAT_TASKS, SAMPLE_PROMPTS, NanochatError, atomic_write, bestfit_batches, chatcore,
-                    compute_cleanup, compute_init, evaluate_bpb, evaluate_core, get_base_dir, get_token_bytes,
-                    load_model, parse_chat_tasks, print0, report_section, run_chat_eval, write_core_csv)
+from common import (CHAT_TASKS, SANDBOX_LAYERS, NanochatError, add_sampling_flags, argument_parser, atomic_write, bestfit_batches, chatcore,
+                    compute_cleanup, compute_init, evaluate_bpb, evaluate_core, float_flag, get_base_dir,
+                    get_token_bytes, int_flag, load_model, parse_chat_tasks, print0, report_section, run_chat_eval,
+                    sample_prompts, sandbox_layers, write_core_csv)
 
 
 # =============================================================================================
@@ -20,11 +20,9 @@ from common import (CHAT_TASKS, SAMPLE_PROMPTS, NanochatError, atomic_write, bes
 # =============================================================================================
 
 def sample_base_model(model, tokenizer, num_unconditional=8):
-    """The fixed prompts greedily (16 tokens), then unconditional samples at temperature 1 (128 tokens)."""
+    """The fixed prompts greedily, then unconditional samples at temperature 1 (128 tokens)."""
+    sample_prompts(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
-    for prompt in SAMPLE_PROMPTS:
-        ids = tokenizer.encode(prompt, prepend=bos)
-        print0(repr(prompt + tokenizer.decode(list(model.generate(ids, 16, temperature=0)))))
     for seed in range(num_unconditional):
         print0("-" * 40 + "\n" + tokenizer.decode(list(model.generate([bos], 128, temperature=1.0, seed=seed))))
 
@@ -48,7 +46,7 @@ def run_base_eval(args):
                                 "tokens): raise it or lower --device-batch-size")
         token_bytes = get_token_bytes(device)
         for split in ("train", "val"):
-            batches = bestfit_batches(tokenizer, B, T, split, device, stream=rank, num_streams=world_size)
+            batches = bestfit_batches(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
             figures[f"{split} bpb"] = evaluate_bpb(model, batches, steps, token_bytes)
             print0(f"{split} bpb: {figures[split + ' bpb']:.6f}")
             batches.close()
@@ -70,7 +68,7 @@ def run_base_eval(args):
 
 
 # =============================================================================================
-# Chat model evaluation: categorical and generative tasks, ChatCORE (owner: SFTRL)
+# Chat model evaluation: categorical and generative tasks, ChatCORE (the scoring lives in common.py)
 # =============================================================================================
 
 def chat_eval_main(args):
@@ -78,6 +76,8 @@ def chat_eval_main(args):
     names = parse_chat_tasks(args.tasks)
     _, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    if "HumanEval" in names:  # say plainly how isolated the model's code runs on this machine
+        print0("code sandbox layers: " + ", ".join(f"{n} ({SANDBOX_LAYERS[n]})" for n in sandbox_layers()))
     accuracies = {}
     for name in names:
         accuracies[name] = run_chat_eval(name, model, tokenizer, args.batch_size, args.num_samples,
@@ -103,39 +103,33 @@ def chat_eval_main(args):
 
 
 # =============================================================================================
-# Command line (owner: PRETRAIN creates it; SFTRL adds the chat flags and dispatch)
+# Command line
 # =============================================================================================
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--stage", choices=["base", "sft", "rl"], default="base", help="which checkpoint to evaluate")
-    parser.add_argument("--model-tag", default=None, help="checkpoint subdirectory (default: the largest d<N>)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--model-tag", default=None, help="checkpoint tag (None = the most recent)")
+    parser.add_argument("--step", type=int_flag(0), default=None, help="checkpoint step (None = the last)")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
     base = parser.add_argument_group("base model (--stage base)")
     base.add_argument("--eval", default="core,bpb,sample", help="comma-separated: bpb, core, sample")
-    base.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
-    base.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward for bpb")
-    base.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    base.add_argument("--max-per-task", type=int_flag(1, never=True), default=-1, help="CORE examples per task (-1 = all)")
+    base.add_argument("--device-batch-size", type=int_flag(1), default=32, help="sequences per forward for bpb")
+    base.add_argument("--split-tokens", type=int_flag(1), default=40 * 524288, help="tokens per split for bpb")
     chat = parser.add_argument_group("chat model (--stage sft|rl)")
-    chat.add_argument("--tasks", default="", help=f"comma-separated, default all: {','.join(CHAT_TASKS)}")
-    chat.add_argument("--max-problems", type=int, default=None, help="problems per task (default: all)")
-    chat.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
-    chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--max-new-tokens", type=int, default=512)
-    chat.add_argument("--top-k", type=int, default=50)
-    chat.add_argument("--batch-size", type=int, default=8, help="problems per forward for categorical tasks")
+    chat.add_argument("--tasks", default="", help=f"comma-separated ('' = all): {','.join(CHAT_TASKS)}")
+    chat.add_argument("--max-problems", type=int_flag(1), default=None, help="problems per task (None = all)")
+    chat.add_argument("--num-samples", type=int_flag(1), default=1, help="samples per generative problem (pass@k)")
+    add_sampling_flags(chat, temperature=0.0)
+    chat.add_argument("--max-new-tokens", type=int_flag(1), default=512, help="longest answer")
+    chat.add_argument("--batch-size", type=int_flag(1), default=8, help="problems per forward for categorical tasks")
     return parser.parse_args(argv)
-
-
-RUNNERS = {"base": run_base_eval, "sft": chat_eval_main, "rl": chat_eval_main}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.stage not in RUNNERS:
-        raise NanochatError(f"--stage {args.stage} evaluation is not available in this version")
-    RUNNERS[args.stage](args)
+    run_base_eval(args) if args.stage == "base" else chat_eval_main(args)
 
 
 if __name__ == "__main__":

@@ -405,6 +405,11 @@ class GPT(nn.Module):
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
         return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
+    def new_kv_cache(self, batch_size, seq_len):
+        """An empty KV cache for `batch_size` rows of up to `seq_len` positions, on the model's device."""
+        c = self.config
+        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, self.get_device())
+
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive batch-1 sampler without a KV cache (the reference the Engine is tested against); yields ids."""
@@ -412,16 +417,28 @@ class GPT(nn.Module):
         rng = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]
-            if top_k is not None and top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            if temperature > 0:
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                next_id = torch.argmax(logits, dim=-1, keepdim=True)
-            ids = torch.cat([ids, next_id], dim=1)
+            next_id = sample_next_token(self.forward(ids)[:, -1, :], rng, temperature, top_k)
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
             yield next_id.item()
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens,
+    top_p the smallest set of them whose probability reaches p; draws come from the seeded `rng`."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    ids = None
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
+    logits = logits / temperature
+    if top_p is not None and top_p < 1.0:
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it: kept
+        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 def build_gpt(config, device):
@@ -430,6 +447,21 @@ def build_gpt(config, device):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    return model
+
+
+def load_gpt(model_config, state_dict, device):
+    """A GPT from a saved config dict and state dict, also as the reference saves them: keys of a
+    torch.compile'd model lose their `_orig_mod.` prefix, checkpoints from before sliding windows get the
+    all-"L" pattern, those from before the per-layer residual scalars get their neutral values, and tensors
+    are cast to the dtypes this device uses (bf16 embeddings become fp32 on the CPU)."""
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    config = GPTConfig(**{"window_pattern": "L", **model_config})
+    if "resid_lambdas" not in state_dict:
+        state_dict["resid_lambdas"] = torch.ones(config.n_layer)
+        state_dict["x0_lambdas"] = torch.zeros(config.n_layer)
+    model = build_gpt(config, device)
+    model.load_state_dict(state_dict, strict=True)  # copying into the fresh parameters casts the dtypes
     return model
 
 
@@ -555,6 +587,14 @@ class KVCache:
         self.pos = n
         prev = other.prev_embedding
         self.prev_embedding = None if prev is None else prev.expand(self.k_cache.size(1), -1, -1).clone()
+
+    def keep_rows(self, rows):
+        """Shrink the batch to `rows` (a LongTensor of indices), so finished samples stop costing compute."""
+        self.k_cache = self.k_cache.index_select(1, rows)
+        self.v_cache = self.v_cache.index_select(1, rows)
+        self.cache_seqlens = self.cache_seqlens.index_select(0, rows)
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding.index_select(0, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,41 +15,36 @@ Several nodes: torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_n
 Reads <base>/chatsft_checkpoints/<tag>/, writes <base>/chatrl_checkpoints/<tag>/ (model, optimizer shards,
 meta) and metrics.jsonl with reward, calculator use and pass@k.
 """
-import argparse
-import json
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from common import (CHECKPOINT_DIRS, GSM8K, Engine, NanochatError, atomic_write, checkpoint_dir, compute_cleanup,
-                    compute_init, find_last_tag, get_base_dir, load_checkpoint, load_model, log_metrics, print0,
-                    report_section, save_checkpoint)
+from common import (GSM8K, Engine, NanochatError, ReplyParser, add_sampling_flags, add_stage_flags, argument_parser, compute_cleanup, compute_init, due,
+                    float_flag, format_duration, int_flag, load_model, log_metrics, print0, report_section,
+                    resume_run, run_meta, save_checkpoint, scale_lrs, set_schedule, start_run)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--model-tag", default=None, help="SFT checkpoint tag (default: the latest written)")
-    p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step (default: the latest)")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its RL checkpoint at step")
-    p.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
-    p.add_argument("--num-iterations", type=int, default=-1, help="cap on the number of steps (-1 = epochs decide)")
-    p.add_argument("--device-batch-size", type=int, default=8, help="samples per forward/backward pass")
-    p.add_argument("--examples-per-step", type=int, default=16, help="questions per step, over all ranks")
-    p.add_argument("--num-samples", type=int, default=16, help="samples per question")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init-lr-frac", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (0 = never)")
-    p.add_argument("--eval-examples", type=int, default=400)
-    p.add_argument("--save-every", type=int, default=60)
+    p = argument_parser(__doc__)
+    add_stage_flags(p, parent="SFT", lrs=(0.2, 0.004, 0.02))
+    p.add_argument("--num-epochs", type=int_flag(1), default=1, help="passes over GSM8K train")
+    p.add_argument("--num-iterations", type=int_flag(1, never=True), default=-1,
+                   help="cap on the number of steps (-1 = the epochs decide)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--device-batch-size", type=int_flag(1), default=8, help="samples per forward/backward pass")
+    g.add_argument("--examples-per-step", type=int_flag(1), default=16, help="questions per step, over all ranks")
+    g.add_argument("--num-samples", type=int_flag(1), default=16, help="samples per question")
+    g.add_argument("--max-new-tokens", type=int_flag(1), default=256, help="longest sampled answer")
+    add_sampling_flags(g, temperature=1.0)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--weight-decay", type=float_flag(0), default=0.0, help="Muon weight decay")
+    g.add_argument("--init-lr-frac", type=float_flag(0), default=0.05, help="all LRs are scaled by this")
+    g = p.add_argument_group("evaluation and saving")
+    g.add_argument("--eval-every", type=int_flag(1, never=True), default=60,
+                   help="pass@k on GSM8K test every N steps and at the end (-1 = never)")
+    g.add_argument("--eval-examples", type=int_flag(1), default=400, help="test questions per evaluation")
+    p.set_defaults(save_every=60)
     return p.parse_args(argv)
 
 
@@ -61,16 +56,14 @@ def sample_seed(*keys):
 
 def tool_use(tokenizer, sequences, masks, prompt_len):
     """(calculator calls, answered calls) in the samples: <|python_start|>...<|python_end|> blocks the
-    model wrote (the engine ran each), and <|output_start|> tokens the engine forced with a result."""
-    python_start, python_end, output_start = (tokenizer.encode_special(f"<|{name}|>")
-                                              for name in ("python_start", "python_end", "output_start"))
+    model wrote (the engine ran each), and results the engine forced (mask 0)."""
     calls = results = 0
     for seq, mask in zip(sequences, masks):
-        in_python = False
+        parser = ReplyParser(tokenizer)
         for token, m in zip(seq[prompt_len:], mask[prompt_len:]):
-            calls += token == python_end and in_python
-            in_python = token == python_start or (in_python and token != python_end)
-            results += token == output_start and m == 0
+            what = parser.push(token)
+            calls += what == "close" and parser.ended[0] == "python"
+            results += what == "open" and parser.kind == "python_output" and m == 0
     return calls, results
 
 
@@ -118,8 +111,7 @@ def rl_step(model, optimizer, engine, tokenizer, task, step, lrm, args, rank=0, 
         index = (step * args.examples_per_step + rank + k * world_size) % len(task)
         rollouts.append(rollout(engine, tokenizer, task, index, args.num_samples, args.device_batch_size, step, args))
     model.train()
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lrm
+    set_schedule(optimizer, lrm)
     pad_token = tokenizer.encode_special("<|assistant_end|>")
     normalizer = (args.num_samples // args.device_batch_size) * examples_per_rank
     stats = torch.zeros(6, device=device)  # reward sum, samples, tokens sampled, calls, results, loss
@@ -172,48 +164,37 @@ def main(args):
                             f"{args.device_batch_size}")
     model, tokenizer, sft_meta = load_model("sft", device, phase="train", model_tag=args.model_tag,
                                             step=args.model_step)
-    model_tag = args.model_tag or find_last_tag(os.path.join(get_base_dir(), CHECKPOINT_DIRS["sft"]))
-    out_dir = checkpoint_dir("rl", model_tag)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    os.makedirs(out_dir, exist_ok=True)
+    model_tag = sft_meta["model_tag"]
     engine = Engine(model, tokenizer)
     train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if args.num_iterations > 0:
         num_steps = min(num_steps, args.num_iterations)
+    if num_steps < 1:
+        raise NanochatError(f"GSM8K train has {len(train_task)} questions, fewer than --examples-per-step "
+                            f"{args.examples_per_step}: lower it")
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] *= args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_lrs(optimizer, args.init_lr_frac)
+    out_dir, metrics_path = start_run("rl", model_tag, args.resume_from_step)
     step = 0
     if args.resume_from_step >= 0:
-        model_state, optim_state, meta = load_checkpoint(out_dir, args.resume_from_step, device,
-                                                         load_optimizer=True, rank=rank)
-        if optim_state is None:
-            raise NanochatError(f"step {args.resume_from_step} in {out_dir} has no optimizer state for rank {rank}: "
-                                "resume with the same number of GPUs it was saved with")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        step = meta["step"]
-        del model_state, optim_state
-    keep_metrics_before(metrics_path, step, rank)  # a fresh run starts a fresh file
+        step = resume_run(out_dir, args.resume_from_step, device, model, optimizer, rank)["step"]
     print0(f"RL {model_tag}: {num_steps} steps x {args.examples_per_step} questions x {args.num_samples} samples, "
            f"{args.max_new_tokens} new tokens max, LR x {args.init_lr_frac}")
 
     t_start, start_step, evals = time.time(), step, {}
     while True:
         last_step = step >= num_steps
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        if due(args.eval_every, step, last_step):
             model.eval()
             evals = pass_at_k(engine, tokenizer, val_task, args.eval_examples, args.device_batch_size, args,
                               rank, world_size, device)
             model.train()
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             log_metrics(metrics_path, step=step, **evals)
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            meta = {"step": step, "model_config": vars(model.config), "model_tag": model_tag,
-                    "user_config": vars(args), "sft_step": sft_meta["step"], "num_steps": num_steps}
+        if last_step or due(args.save_every, step, last_step, after=start_step):
+            meta = run_meta(step, model, args, model_tag, {"num_steps": num_steps}, parent_step=sft_meta["step"])
             save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved {out_dir} step {step}")
         if last_step:
@@ -227,22 +208,11 @@ def main(args):
         eta = (time.time() - t_start) / (step - start_step) * (num_steps - step)
         print0(f"step {step:05d}/{num_steps} | reward {stats['reward']:.3f} | seq len {stats['seq_len']:.1f} | "
                f"calculator calls {stats['calculator_calls']} ({stats['calculator_results']} answered) | "
-               f"loss {stats['loss']:.6f} | lrm {lrm:.3f} | {dt:.1f}s | eta {eta:.0f}s")
+               f"loss {stats['loss']:.6f} | lrm {lrm:.3f} | {dt:.1f}s | eta {format_duration(eta)}")
         log_metrics(metrics_path, step=step - 1, **stats, lrm=lrm, dt=dt)
     report_section("Chat RL", {"steps": step, "examples per step": args.examples_per_step,
                                "samples per question": args.num_samples, **evals}, column="RL")
     compute_cleanup()
-
-
-def keep_metrics_before(path, step, rank):
-    """Drop the records an earlier run wrote at or after `step` (all of them for a fresh run).
-    (Also in sft.py; belongs in common.py beside log_metrics.)"""
-    if rank != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] < step]
-    with atomic_write(path, "w") as f:
-        f.writelines(kept)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ conversation outgrows the model's context its oldest turns are dropped. Requests
 replica; a client that goes away mid-reply frees its replica at the next token. No CORS headers: only
 the page served here (same origin) can call the API from a browser.
 """
-import argparse
-import codecs
 import contextlib
 import http.server
 import json
@@ -38,8 +36,8 @@ from http import HTTPStatus
 
 import torch
 
-from common import (STAGE_SCRIPTS, Engine, NanochatError, Utf8Streamer, autodetect_device_type,
-                    build_chat_prompt, get_logger, load_model)
+from common import (STAGE_SCRIPTS, Engine, NanochatError, Utf8Streamer, add_sampling_flags, argument_parser,
+                    autodetect_device_type, build_chat_prompt, get_logger, int_flag, load_model)
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
@@ -159,25 +157,6 @@ def parse_chat_request(body, defaults, openai):
     return job
 
 
-def typed_deltas(tokenizer, tokens):
-    """Reply tokens -> (part type, text) pieces: "text", or "python" / "python_output" inside a calculator
-    call / its result, the part types of a conversation message. Multi-byte characters split across
-    tokens are held back until whole."""
-    special = tokenizer.encode_special
-    switches = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output",
-                special("<|python_end|>"): "text", special("<|output_end|>"): "text"}
-    specials = {special(name) for name in tokenizer.get_special_tokens()}
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    kind = "text"
-    for token in tokens:
-        text = utf8.decode(b"", final=True) if token in specials else utf8.decode(tokenizer.decode_single_token_bytes(token))
-        if text:
-            yield kind, text
-        kind = switches.get(token, kind)
-    if tail := utf8.decode(b"", final=True):
-        yield kind, tail
-
-
 # ---- the HTTP server ----
 
 class ChatServer(http.server.ThreadingHTTPServer):
@@ -190,6 +169,10 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.free, self.counts, self.counts_lock = queue.Queue(), {"completions": 0, "disconnects": 0}, threading.Lock()
         for replica in replicas:
             self.free.put(replica)
+
+    def add_replica(self, replica):
+        self.replicas.append(replica)
+        self.free.put(replica)
 
     def count(self, name):
         with self.counts_lock:
@@ -355,11 +338,9 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         tokenizer = self.server.replicas[0].tokenizer  # all replicas share one vocabulary
         max_context = self.server.replicas[0].max_context
         try:
-            reserve = min(job["max_tokens"], max_context // 2)  # room for the reply, but never the whole context
-            prompt, dropped = build_chat_prompt(tokenizer, job["messages"], max_context, reserve)
+            prompt, dropped, max_tokens = build_chat_prompt(tokenizer, job["messages"], max_context, job["max_tokens"])
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
-        max_tokens = min(job["max_tokens"], max_context - len(prompt))
         seed = job["seed"] if job["seed"] is not None else random.randrange(2**31)
         self.server.count("completions")
         with self.server.borrow_replica() as replica:
@@ -384,7 +365,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                     self.openai_reply(job, tokens, result, len(prompt), replica.tokenizer)
                 else:
                     self.start_events()
-                    for kind, text in typed_deltas(replica.tokenizer, tokens):
+                    streamer = Utf8Streamer(replica.tokenizer, typed=True)
+                    for token in tokens:
+                        for kind, text in streamer.push(token):
+                            self.send_event({"token": text, "gpu": replica.id, "type": kind})
+                    for kind, text in streamer.flush():
                         self.send_event({"token": text, "gpu": replica.id, "type": kind})
                     self.send_event({"done": True})
             finally:
@@ -415,47 +400,41 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         self.send_event("[DONE]")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = argument_parser(__doc__)
     parser.add_argument("-i", "--stage", "--source", default="sft", choices=["base", "sft", "rl"],
                         help="which checkpoints to serve")
-    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (default: the newest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (0-2)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0-200, 0 = off)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default reply length limit (1-4096)")
-    parser.add_argument("-p", "--port", type=int, default=8000)
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag, e.g. d20 (None = the newest)")
+    parser.add_argument("-s", "--step", type=int_flag(0), default=None, help="checkpoint step (None = the newest)")
+    parser.add_argument("-n", "--num-gpus", type=int_flag(1), default=1, help="model replicas, one per GPU (CUDA only)")
+    add_sampling_flags(parser, temperature=0.6)
+    parser.add_argument("-m", "--max-tokens", type=int_flag(1, 4096), default=512, help="default reply length limit")
+    parser.add_argument("--port", type=int_flag(0, 65535), default=8000, help="TCP port (0 = any free one)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
-    parser.add_argument("--device-type", default="", help="cuda|mps|cpu (default: autodetect)")
-    args = parser.parse_args()
-    try:
-        defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-        for name, low, high in (("temperature", 0, 2), ("top_k", 0, 200), ("max_tokens", 1, 4096)):
-            check_number(defaults, name, low, high, None, integer=name != "temperature")
-    except RequestError as e:
-        parser.error(f"--{e.param.replace('_', '-')}: {e.message}")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
     device_type = args.device_type or autodetect_device_type()
-    if device_type == "cuda":
-        if not 1 <= args.num_gpus <= torch.cuda.device_count():
-            parser.error(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
-        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
-    else:
-        devices = [torch.device(device_type)]  # one replica: CPU threads / MPS are shared anyway
-    replicas = []
+    if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
+        raise NanochatError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} GPU(s)")
+    devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else \
+        [torch.device(device_type)]  # one replica: CPU threads / MPS are shared anyway
+    try:  # bind first: a taken port is known in a moment, not after loading the model
+        server = make_server([], args.host, args.port, args.temperature, args.top_k, args.max_tokens)
+    except OSError as e:
+        raise NanochatError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
     for i, device in enumerate(devices):
         try:
             model, tokenizer, meta = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
         except NanochatError as e:
             hint = f" (make one with `python {STAGE_SCRIPTS[args.stage]}`, or pick --stage/--model-tag)"
             raise NanochatError(f"{e}{hint if str(e).startswith('no ') and '`' not in str(e) else ''}") from None
-        replicas.append(Replica(i, model, tokenizer))
-    name = f"nanochat-{args.stage}-{args.model_tag or 'd%d' % meta['model_config']['n_layer']}"
-    try:
-        server = make_server(replicas, args.host, args.port, args.temperature, args.top_k, args.max_tokens, name)
-    except OSError as e:
-        raise NanochatError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
-    log.info(f"serving {name} with {len(replicas)} replica(s) on {devices[0].type}: "
+        server.add_replica(Replica(i, model, tokenizer))
+    server.model_name = f"nanochat-{args.stage}-{meta['model_tag']}"
+    log.info(f"serving {server.model_name} with {len(devices)} replica(s) on {devices[0].type}: "
              f"http://{args.host}:{server.server_address[1]}/  (Ctrl+C stops)")
     try:
         server.serve_forever()

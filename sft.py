@@ -13,7 +13,6 @@ resume) and metrics.jsonl.
 """
 import argparse
 import glob
-import json
 import math
 import os
 import time
@@ -21,50 +20,49 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (CATEGORICAL_TASKS, CHAT_TASKS, CHECKPOINT_DIRS, GSM8K, MMLU, CustomJSON, chatcore, run_chat_eval, MissingSplitError, NanochatError, SimpleSpelling,
-                    SmolTalk, SpellingBee, TaskMixture, atomic_write, checkpoint_dir, compute_cleanup, compute_init,
-                    evaluate_bpb, find_last_tag, get_base_dir, get_token_bytes, load_checkpoint, load_model,
-                    log_metrics, print0, report_section, save_checkpoint)
+from common import (CATEGORICAL_TASKS, CHAT_TASKS, GSM8K, MMLU, CustomJSON, MissingSplitError, NanochatError,
+                    add_stage_flags,
+                    SimpleSpelling, SmolTalk, SpellingBee, TaskMixture, argument_parser, chatcore, checkpoint_dir,
+                    compute_cleanup, compute_init, due, evaluate_bpb, float_flag, format_duration, gather_states,
+                    get_token_bytes, int_flag, load_checkpoint, load_model, log_metrics, print0, report_section,
+                    resume_run, run_chat_eval, run_meta, save_checkpoint, scale_lrs, set_schedule, start_run)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the latest written)")
-    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the latest)")
-    p.add_argument("--load-optimizer", type=int, default=1, help="warm-start the optimizer from the base checkpoint")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its SFT checkpoint at step")
-    # sizes: None = inherit from the base checkpoint's meta
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--device-batch-size", type=int, default=None)
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step")
-    # learning rates: None = inherit the base run's flags
-    p.add_argument("--embedding-lr", type=float, default=None)
-    p.add_argument("--unembedding-lr", type=float, default=None)
-    p.add_argument("--matrix-lr", type=float, default=None)
-    p.add_argument("--init-lr-frac", type=float, default=0.8, help="all LRs are scaled by this at the start")
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--warmdown-ratio", type=float, default=0.5)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
-    # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps and at the end (-1 = never)")
-    p.add_argument("--eval-tokens", type=int, default=40 * 524288)
-    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps and at the end (-1 = never)")
-    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="problems per categorical task (-1 = all)")
-    p.add_argument("--chatcore-max-sample", type=int, default=24, help="problems per generative task")
-    p.add_argument("--chatcore-max-new-tokens", type=int, default=512)
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    # the mixture: epochs/sizes of each task, 0 leaves it out
-    p.add_argument("--smoltalk-epochs", type=int, default=1)
-    p.add_argument("--mmlu-epochs", type=int, default=3, help="MMLU auxiliary_train passes")
-    p.add_argument("--gsm8k-epochs", type=int, default=4)
-    p.add_argument("--identity-epochs", type=int, default=2)
-    p.add_argument("--identity-path", default=None, help="identity chats jsonl, path or URL (default: nanochat's)")
-    p.add_argument("--simple-spelling-size", type=int, default=200_000)
-    p.add_argument("--spelling-bee-size", type=int, default=80_000)
+    p = argument_parser(__doc__)
+    add_stage_flags(p, parent="base")
+    p.add_argument("--load-optimizer", type=int_flag(0, 1), default=1, help="1: warm-start the optimizer from the base run")
+    p.add_argument("--num-iterations", type=int_flag(1, never=True), default=-1,
+                   help="optimizer steps (-1 = one epoch of the mixture)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+                   help="torch.compile the model (None = on for CUDA, off elsewhere)")
+    g = p.add_argument_group("sizes (None = the base run's)")
+    g.add_argument("--max-seq-len", type=int_flag(2), default=None, help="row length in tokens")
+    g.add_argument("--device-batch-size", type=int_flag(1), default=None, help="rows per micro-step")
+    g.add_argument("--total-batch-size", type=int_flag(1), default=None, help="tokens per optimizer step")
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--init-lr-frac", type=float_flag(0), default=0.8, help="all LRs are scaled by this at the start")
+    g.add_argument("--warmup-ratio", type=float_flag(0, 1), default=0.0, help="share of the run of LR warmup")
+    g.add_argument("--warmdown-ratio", type=float_flag(0, 1), default=0.5, help="share of the run of LR decay")
+    g.add_argument("--final-lr-frac", type=float_flag(0, 1), default=0.0, help="LR at the end, as a share")
+    g = p.add_argument_group("evaluation and saving")
+    g.add_argument("--eval-every", type=int_flag(1, never=True), default=200,
+                   help="val bpb every N steps and at the end (-1 = never)")
+    g.add_argument("--eval-tokens", type=int_flag(1), default=40 * 524288, help="val tokens per evaluation")
+    g.add_argument("--chatcore-every", type=int_flag(1, never=True), default=200,
+                   help="ChatCORE every N steps and at the end (-1 = never)")
+    g.add_argument("--chatcore-max-cat", type=int_flag(1, never=True), default=-1,
+                   help="problems per categorical task (-1 = all)")
+    g.add_argument("--chatcore-max-sample", type=int_flag(1), default=24, help="problems per generative task")
+    g.add_argument("--chatcore-max-new-tokens", type=int_flag(1), default=512, help="reply length limit")
+    g = p.add_argument_group("the mixture (0 leaves a task out)")
+    g.add_argument("--smoltalk-epochs", type=int_flag(0), default=1, help="SmolTalk passes")
+    g.add_argument("--mmlu-epochs", type=int_flag(0), default=3, help="MMLU auxiliary_train passes")
+    g.add_argument("--gsm8k-epochs", type=int_flag(0), default=4, help="GSM8K train passes")
+    g.add_argument("--identity-epochs", type=int_flag(0), default=2, help="identity conversation passes")
+    g.add_argument("--identity-path", default=None, help="identity chats jsonl, path or URL (None = nanochat's)")
+    g.add_argument("--simple-spelling-size", type=int_flag(0), default=200_000, help="SimpleSpelling examples")
+    g.add_argument("--spelling-bee-size", type=int_flag(0), default=80_000, help="SpellingBee examples")
     return p.parse_args(argv)
 
 
@@ -121,34 +119,38 @@ def sft_batches(dataset, tokenizer, batch_size, seq_len, device, state, rank=0, 
     bos = tokenizer.get_bos_token_id()
     state = dict(state, buffer=list(state["buffer"]))
     buffer = [(i, *render_for_row(tokenizer, dataset[i], capacity)[:2]) for i in state["buffer"]]
+
+    def refill(buffer):
+        attempts = 0
+        while len(buffer) < buffer_size:
+            attempts += 1
+            if attempts > len(dataset) and not buffer:
+                raise NanochatError(f"no conversation has a supervised token within {capacity} tokens: "
+                                    "raise --max-seq-len")
+            index = state["cursor"]
+            state["cursor"] += world_size
+            if state["cursor"] >= len(dataset):
+                state["cursor"] %= len(dataset)
+                state["epoch"] += 1
+            ids, mask, truncated = render_for_row(tokenizer, dataset[index], capacity)
+            state["truncated"] += truncated
+            if not any(mask[1:]):  # nothing left to learn: consumed, but never packed
+                state["skipped"] += 1
+                state["consumed"] += world_size
+                continue
+            buffer.append((index, ids, mask))
+
     while True:
         rows, masks = [], []
         for _ in range(batch_size):
-            attempts = 0
-            while len(buffer) < buffer_size:
-                attempts += 1
-                if attempts > len(dataset) and not buffer:
-                    raise NanochatError(f"no conversation has a supervised token within {capacity} tokens: "
-                                        "raise --max-seq-len")
-                index = state["cursor"]
-                state["cursor"] += world_size
-                if state["cursor"] >= len(dataset):
-                    state["cursor"] %= len(dataset)
-                    state["epoch"] += 1
-                ids, mask, truncated = render_for_row(tokenizer, dataset[index], capacity)
-                state["truncated"] += truncated
-                if not any(mask[1:]):  # nothing left to learn: consumed, but never packed
-                    state["skipped"] += 1
-                    state["consumed"] += world_size
-                    continue
-                buffer.append((index, ids, mask))
             row, row_mask = [], []
             while True:
+                refill(buffer)  # before every pick, as the reference does
                 space = capacity - len(row)
                 fitting = [k for k, item in enumerate(buffer) if len(item[1]) <= space]
                 if not fitting:
                     break
-                _, ids, mask = buffer.pop(max(fitting, key=lambda k: len(buffer[k][1])))
+                _, ids, mask = buffer.pop(max(fitting, key=lambda k: len(buffer[k][1])))  # first of the longest
                 row += ids
                 row_mask += mask
                 state["consumed"] += world_size
@@ -184,16 +186,6 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def keep_metrics_before(path, step, rank):
-    """Drop the records an earlier run wrote at or after `step` (all of them for a fresh run)."""
-    if rank != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] < step]
-    with atomic_write(path, "w") as f:
-        f.writelines(kept)
-
-
 def resolve_sizes(args, base_meta, world_size):
     """seq len, device batch, total batch: flags win, else the base run's (as resolved there)."""
     seq_len = args.max_seq_len or base_meta.get("max_seq_len") or base_meta["model_config"]["sequence_len"]
@@ -211,54 +203,63 @@ def resolve_sizes(args, base_meta, world_size):
     return seq_len, device_batch, total, total // tokens_per_micro
 
 
+def warm_start_optimizer(optimizer, base_meta, world_size, rank, device):
+    """Load the base run's moments into the fresh optimizer, keeping the fresh LRs. Optimizer shards are per
+    rank, so only with the world size pretraining had (every rank sees the same files and agrees)."""
+    base_dir = checkpoint_dir("base", base_meta["model_tag"])
+    shards = len(glob.glob(os.path.join(base_dir, f"optim_{base_meta['step']:06d}_rank*.pt")))
+    if shards != world_size:
+        print0(f"the base checkpoint has {shards} optimizer shard(s) for {world_size} rank(s) here: "
+               "starting the optimizer fresh")
+        return
+    _, optim_state, _ = load_checkpoint(base_dir, base_meta["step"], device, load_optimizer=True, rank=rank)
+    fresh_lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(optim_state)  # moments and step counts; it also overwrote the LRs:
+    for group, lr in zip(optimizer.param_groups, fresh_lrs):
+        group["lr"] = lr
+
+
+def chat_scores(model, tokenizer, args, batch_size):
+    """ChatCORE and the accuracy of each chat task, on the samples the flags set."""
+    model.eval()
+    accuracies = {}
+    for name in CHAT_TASKS:
+        limit = args.chatcore_max_sample
+        if name in CATEGORICAL_TASKS:
+            limit = args.chatcore_max_cat if args.chatcore_max_cat > 0 else None
+        accuracies[name] = run_chat_eval(name, model, tokenizer, batch_size=batch_size,
+                                         max_new_tokens=args.chatcore_max_new_tokens, max_problems=limit)
+    model.train()
+    return {"chatcore": chatcore(accuracies), "chatcore_cat": chatcore(accuracies, CATEGORICAL_TASKS), **accuracies}
+
+
 def main(args):
     ddp, rank, _, world_size, device = compute_init(args.device_type)
-    train_set, val_set = build_train_mixture(args), build_val_mixture()  # first: a missing split fails fast
-    # ---- model, sizes, optimizer: from the base checkpoint, or from our own when resuming ----
+    # the parent checkpoint first: nothing is downloaded for a run that cannot start
     model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
                                              step=args.model_step)
-    model_tag = args.model_tag or find_last_tag(os.path.join(get_base_dir(), CHECKPOINT_DIRS["base"]))
-    out_dir = checkpoint_dir("sft", model_tag)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    os.makedirs(out_dir, exist_ok=True)
+    model_tag = base_meta["model_tag"]
+    train_set, val_set = build_train_mixture(args), build_val_mixture()
     seq_len, device_batch, total_batch, grad_accum = resolve_sizes(args, base_meta, world_size)
     base_flags = base_meta.get("user_config", {})
     lrs = {k: getattr(args, k) if getattr(args, k) is not None else base_flags.get(k, default)
            for k, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
     optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
-    base_dir = checkpoint_dir("base", model_tag)
-    # optimizer shards are per rank: warm-start only with the world size pretraining had (all ranks agree)
-    shards = len(glob.glob(os.path.join(base_dir, f"optim_{base_meta['step']:06d}_rank*.pt")))
     if args.load_optimizer and args.resume_from_step < 0:
-        if shards != world_size:
-            print0(f"the base checkpoint has {shards} optimizer shard(s) for {world_size} rank(s) here: "
-                   "starting the optimizer fresh")
-        else:
-            _, optim_state, _ = load_checkpoint(base_dir, base_meta["step"], device, load_optimizer=True, rank=rank)
-            fresh_lrs = [group["lr"] for group in optimizer.param_groups]
-            optimizer.load_state_dict(optim_state)  # moments and step counts; it also overwrote the LRs:
-            for group, lr in zip(optimizer.param_groups, fresh_lrs):
-                group["lr"] = lr
-    for group in optimizer.param_groups:
-        group["lr"] *= args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+        warm_start_optimizer(optimizer, base_meta, world_size, rank, device)
+    scale_lrs(optimizer, args.init_lr_frac)
 
-    packer_state = new_packer_state(rank)
-    step, progress = 0, 0.0
+    out_dir, metrics_path = start_run("sft", model_tag, args.resume_from_step)
+    packer_state, step, progress = new_packer_state(rank), 0, 0.0
     if args.resume_from_step >= 0:
-        model_state, optim_state, meta = load_checkpoint(out_dir, args.resume_from_step, device,
-                                                         load_optimizer=True, rank=rank)
-        saved = (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"], len(meta["packer_states"]))
-        if optim_state is None or saved != (seq_len, device_batch, total_batch, world_size):
+        meta = resume_run(out_dir, args.resume_from_step, device, model, optimizer, rank)
+        saved = tuple(meta.get(k) for k in ("max_seq_len", "device_batch_size", "total_batch_size"))
+        if saved + (len(meta.get("packer_states", [])),) != (seq_len, device_batch, total_batch, world_size):
             raise NanochatError(f"step {args.resume_from_step} in {out_dir} was saved with seq len, device batch, "
-                                f"total batch, ranks = {saved}, not {(seq_len, device_batch, total_batch, world_size)}:"
-                                " resume with the flags and number of GPUs of the run that saved it")
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        step, progress = meta["step"], meta["loop_state"]["progress"]
-        packer_state = meta["packer_states"][rank]
-        del model_state, optim_state
-    keep_metrics_before(metrics_path, step, rank)  # a fresh run starts a fresh file
+                                f"total batch = {saved} on {len(meta.get('packer_states', []))} ranks, not "
+                                f"{(seq_len, device_batch, total_batch)} on {world_size}: resume with the flags and "
+                                "number of GPUs of the run that saved it")
+        step, progress, packer_state = meta["step"], meta["loop_state"]["progress"], meta["packer_states"][rank]
     print0(f"SFT {model_tag}: {len(train_set):,} train conversations, seq {seq_len}, device batch {device_batch}, "
            f"total batch {total_batch:,} tokens (grad accum {grad_accum}), LRs {lrs} x {args.init_lr_frac}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -268,13 +269,12 @@ def main(args):
     eval_steps = max(1, args.eval_tokens // (device_batch * seq_len * world_size))
 
     # ---- the loop: evals and saves see the model after `step` optimizer steps ----
-    last_step = False
-    val_bpb, chat_scores = None, {}
+    last_step, val_bpb, scores = False, None, {}
     t_start, start_step, start_progress = time.time(), step, progress
     while True:
         if args.num_iterations > 0:
             last_step = step >= args.num_iterations
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        if due(args.eval_every, step, last_step):
             model.eval()
             val_batches = sft_batches(val_set, tokenizer, device_batch, seq_len, device, new_packer_state(rank),
                                       rank, world_size)
@@ -282,30 +282,14 @@ def main(args):
             model.train()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             log_metrics(metrics_path, step=step, val_bpb=val_bpb)
-        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
-            model.eval()
-            accuracies = {}
-            for name in CHAT_TASKS:
-                categorical = name in CATEGORICAL_TASKS
-                limit = (args.chatcore_max_cat if args.chatcore_max_cat >= 0 else None) if categorical \
-                    else args.chatcore_max_sample
-                accuracies[name] = run_chat_eval(name, model, tokenizer, batch_size=device_batch,
-                                                 max_new_tokens=args.chatcore_max_new_tokens, max_problems=limit)
-            model.train()
-            record = {"step": step, "chatcore": chatcore(accuracies),
-                      "chatcore_cat": chatcore(accuracies, CATEGORICAL_TASKS), **accuracies}
-            chat_scores = {"ChatCORE": record["chatcore"], **accuracies}
-            print0(" | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step" and v is not None))
-            log_metrics(metrics_path, **record)
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            states = [packer_state]
-            if ddp:
-                states = [None] * world_size
-                dist.all_gather_object(states, packer_state)
-            meta = {"step": step, "val_bpb": val_bpb, "model_config": vars(model.config), "model_tag": model_tag,
-                    "user_config": vars(args), "max_seq_len": seq_len, "device_batch_size": device_batch,
-                    "total_batch_size": total_batch, "base_step": base_meta["step"], "packer_states": states,
-                    "loop_state": {"progress": progress}}
+        if due(args.chatcore_every, step, last_step, after=0):
+            scores = chat_scores(model, tokenizer, args, device_batch)
+            print0(" | ".join(f"{k} {v:.4f}" for k, v in scores.items() if v is not None))
+            log_metrics(metrics_path, step=step, **scores)
+        if last_step or due(args.save_every, step, last_step, after=start_step):
+            meta = run_meta(step, model, args, model_tag, {"progress": progress}, val_bpb=val_bpb,
+                            max_seq_len=seq_len, device_batch_size=device_batch, total_batch_size=total_batch,
+                            parent_step=base_meta["step"], packer_states=gather_states(packer_state))
             save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved {out_dir} step {step}")
         if last_step:
@@ -314,10 +298,7 @@ def main(args):
         # ---- one optimizer step ----
         t0 = time.time()
         lrm = lr_multiplier(progress, args)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
+        set_schedule(optimizer, lrm, momentum=muon_momentum(step))
         train_loss, supervised = torch.zeros((), device=device), torch.zeros((), device=device)
         for _ in range(grad_accum):
             inputs, targets, packer_state = next(train_batches)
@@ -329,12 +310,11 @@ def main(args):
         model.zero_grad(set_to_none=True)
         step += 1
         # progress: the requested steps, or the share of the mixture packed so far (one epoch)
-        epoch_done = packer_state["consumed"] >= len(train_set)
         if args.num_iterations > 0:
             progress = step / args.num_iterations
         else:
             progress = max(progress, min(packer_state["consumed"] / len(train_set), 1.0))
-            flag = torch.tensor(int(epoch_done), device=device)
+            flag = torch.tensor(int(packer_state["consumed"] >= len(train_set)), device=device)
             if ddp:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             last_step = bool(flag.item())
@@ -346,14 +326,15 @@ def main(args):
         dt = time.time() - t0
         eta = (time.time() - t_start) * (1 - progress) / max(progress - start_progress, 1e-9)
         print0(f"step {step:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | progress {progress:.1%}"
-               f" | truncated {packer_state['truncated']} skipped {packer_state['skipped']} | eta {eta:.0f}s")
+               f" | truncated {packer_state['truncated']} skipped {packer_state['skipped']} | eta {format_duration(eta)}")
         log_metrics(metrics_path, step=step - 1, loss=train_loss, lrm=lrm, dt=dt, progress=progress,
                     supervised_tokens=int(supervised.item()), truncated=packer_state["truncated"],
                     skipped=packer_state["skipped"], epoch=packer_state["epoch"])
     print0(f"done: {step} steps, {packer_state['truncated']} conversations truncated to the row, "
            f"{packer_state['skipped']} skipped (nothing to learn after truncation)")
     report_section("Chat SFT", {"steps": step, "train conversations": len(train_set), "max seq len": seq_len,
-                                "total batch size": total_batch, "val bpb": val_bpb, **chat_scores,
+                                "total batch size": total_batch, "val bpb": val_bpb,
+                                **({"ChatCORE": scores.pop("chatcore"), **scores} if scores else {}),
                                 "truncated conversations": packer_state["truncated"],
                                 "skipped conversations": packer_state["skipped"]}, column="SFT")
     compute_cleanup()

@@ -39,6 +39,12 @@ def run_script(base, mirror, script, *args, check=True, timeout=600, nproc=0):
     return proc
 
 
+def tear_last_line(path):
+    """Cut the file inside its last line, as a kill during a write leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

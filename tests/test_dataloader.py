@@ -1,4 +1,5 @@
-"""The BOS-aligned best-fit loader (common.py section 5): packing, streams, exact resume, bits per byte."""
+"""The BOS-aligned best-fit loader: packing (the reference's choices), rank striding, exact resume, bits per byte."""
+import itertools
 import math
 
 import pyarrow as pa
@@ -34,6 +35,44 @@ def test_best_fit_rows_hand_computed(tmp_path, byte_tokenizer):
     assert state == {"next": [1, 0, 0, 0], "buffer": []}  # the first batch starts from nothing
 
 
+def reference_rows(docs, B, T, buffer_size, batch_docs=128):
+    """The reference's packer, written as literally as it reads: before each pick a list buffer is refilled,
+    a batch of documents at a time, to at least buffer_size; the longest document that fits under a strict >,
+    else the shortest (min) cropped. The documents repeat epoch after epoch."""
+    source, buffer, rows = itertools.cycle(docs), [], []
+    for _ in range(B):
+        row = []
+        while len(row) < T + 1:
+            while len(buffer) < buffer_size:
+                buffer += [next(source) for _ in range(batch_docs)]
+            space, best, best_len = T + 1 - len(row), -1, 0
+            for i, doc in enumerate(buffer):
+                if len(doc) <= space and len(doc) > best_len:
+                    best, best_len = i, len(doc)
+            if best >= 0:
+                row += buffer.pop(best)
+            else:
+                shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+                row += buffer.pop(shortest)[:space]
+        rows.append(row)
+    return rows
+
+
+def test_ties_take_the_first_document_like_the_reference(tmp_path, byte_tokenizer):
+    # 4,4,4,3,3 tokens, rows of 9: the first two 4-token documents, then the first 3-token one cropped to BOS
+    texts = ["aaa", "bbb", "ccc", "dd", "ee"]
+    files = [write_shard(tmp_path / "s0.parquet", texts, 64)]
+    bos = byte_tokenizer.get_bos_token_id()
+    rows, _ = next(pack_batches(byte_tokenizer, 1, 8, files, 0, 1, buffer_size=5))
+    assert byte_tokenizer.decode(rows[0].tolist()) == "<|bos|>aaa<|bos|>bbb<|bos|>"
+    # many documents of few distinct lengths (many ties), a small buffer: every batch equals the reference's
+    texts = [chr(ord("a") + i % 26) * (1 + (7 * i) % 9) for i in range(60)]
+    files = [write_shard(tmp_path / "s1.parquet", texts, 20)]  # row groups of 20 = batches of 20 documents
+    docs = [[bos] + list(t.encode()) for t in texts]  # byte tokens: ids are the bytes
+    ours = next(pack_batches(byte_tokenizer, 40, 15, files, 0, 1, buffer_size=30))[0].tolist()
+    assert ours == reference_rows(docs, 40, 15, 30, batch_docs=20)
+
+
 def test_rows_start_with_bos_and_targets_shift(tmp_path, byte_tokenizer):
     texts = [chr(ord("a") + i % 26) * (1 + (7 * i) % 23) for i in range(100)]
     files = [write_shard(tmp_path / "s0.parquet", texts, 16)]
@@ -51,12 +90,12 @@ def test_resume_reproduces_the_next_batches_exactly(tmp_path, byte_tokenizer):
     # two files with several row groups, small buffer: the run crosses row groups, files and epochs
     texts = [chr(ord("a") + i % 26) * (1 + (11 * i) % 29) for i in range(120)]
     files = [write_shard(tmp_path / "s0.parquet", texts[:60], 8), write_shard(tmp_path / "s1.parquet", texts[60:], 8)]
-    loader = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, stream=1, num_streams=2, buffer_size=12)
+    loader = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, rank=1, world_size=2, buffer_size=12)
     batches = [next(loader) for _ in range(60)]
     loader.close()
     assert batches[-1][2]["next"][0] >= 2, "the test should cross an epoch boundary"
     for k in (1, 7, 23, 41):
-        resumed = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, stream=1, num_streams=2,
+        resumed = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, rank=1, world_size=2,
                                   buffer_size=12, state=batches[k][2])
         for x, y, state in batches[k:k + 15]:
             rx, ry, rstate = next(resumed)
@@ -64,26 +103,26 @@ def test_resume_reproduces_the_next_batches_exactly(tmp_path, byte_tokenizer):
         resumed.close()
 
 
-@pytest.mark.parametrize("num_streams", [2, 4])
-def test_streams_split_row_groups(tmp_path, num_streams):
-    # 2 files of 3 row groups, numbered 0-5 across files: stream s reads s, s+S, ... (4 streams > 3 per file)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_stride_row_groups_of_each_file(tmp_path, world_size):
+    # 2 files of 3 row groups: rank r reads row groups r, r+W, ... of each file, as in the reference
     files = [write_shard(tmp_path / f"s{i}.parquet", [f"{i}-{j}" for j in range(30)], 10) for i in range(2)]
     seen = []
-    for stream in range(num_streams):
+    for rank in range(world_size):
         first_epoch = []
-        for (epoch, pq_idx, rg_idx, offset), texts in iter_doc_batches(files, stream, num_streams, batch_docs=4):
+        for (epoch, pq_idx, rg_idx, offset), texts in iter_doc_batches(files, rank, world_size, batch_docs=4):
             if epoch > 1:
                 break
-            assert (3 * pq_idx + rg_idx) % num_streams == stream
+            assert rg_idx % world_size == rank
             first_epoch += texts
         seen.append(first_epoch)
-    everything = [t for stream_texts in seen for t in stream_texts]
+    everything = [t for rank_texts in seen for t in rank_texts]
     assert sorted(everything) == sorted(f"{i}-{j}" for i in range(2) for j in range(30))  # each doc exactly once
 
 
-def test_stream_without_row_groups_is_an_error(tmp_path, byte_tokenizer):
-    files = [write_shard(tmp_path / "s0.parquet", ["abc"] * 10, 10)]  # one row group, two streams
-    loader = bestfit_batches(byte_tokenizer, 1, 8, "train", files=files, stream=1, num_streams=2)
+def test_rank_without_row_groups_is_an_error(tmp_path, byte_tokenizer):
+    files = [write_shard(tmp_path / "s0.parquet", ["abc"] * 10, 10)]  # one row group, two ranks
+    loader = bestfit_batches(byte_tokenizer, 1, 8, "train", files=files, rank=1, world_size=2)
     with pytest.raises(NanochatError, match="fewer GPUs"):
         next(loader)
 

@@ -1,5 +1,6 @@
 """Downloads against real HTTP servers on 127.0.0.1 (flaky ones written here), NANOCHAT_MIRROR, shard reading."""
 import http.server
+import itertools
 import os
 import threading
 import time
@@ -137,20 +138,25 @@ def test_missing_file_in_local_mirror(tmp_path, base_dir, monkeypatch):
         common.download_shard(0)
 
 
-def test_row_groups_rank_striding_and_resume(shared_data, base_dir, monkeypatch):
+def test_real_shards_rank_striding_and_resume(shared_data, base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
     common.download_shards(2)
-    everything = [(p, r) for p, r, _ in common.iter_row_groups("train")]
-    num_rg = [pq.ParquetFile(f).num_row_groups for f in common.split_files("train")]
-    assert everything == [(p, r) for p in range(2) for r in range(num_rg[p])]
-    per_rank = [[(p, r) for p, r, _ in common.iter_row_groups("train", rank, 3)] for rank in range(3)]
-    assert sorted(sum(per_rank, [])) == everything
-    assert all(r % 3 == rank for rank in range(3) for _, r in per_rank[rank])
-    resumed = [(p, r) for p, r, _ in common.iter_row_groups("train", 1, 3, start=(0, 5))]
-    assert resumed == [x for x in per_rank[1] if x >= (0, 5)]
-    _, _, texts = next(common.iter_row_groups("val"))
+    files = common.split_files("train")
+
+    def first_epoch(rank, world, start=None):
+        batches = common.iter_doc_batches(files, rank, world, start)
+        return [position for position, _ in itertools.takewhile(lambda b: b[0][0] == 1, batches)]
+    everything = first_epoch(0, 1)
+    num_rg = [pq.ParquetFile(f).num_row_groups for f in files]
+    assert sorted({p[1:3] for p in everything}) == [(p, r) for p in range(2) for r in range(num_rg[p])]
+    per_rank = [first_epoch(rank, 3) for rank in range(3)]
+    assert sorted(sum(per_rank, [])) == sorted(everything)
+    assert all(p[2] % 3 == rank for rank in range(3) for p in per_rank[rank])
+    resumed = first_epoch(1, 3, start=per_rank[1][3])
+    assert resumed == per_rank[1][3:]
+    (position, texts), = itertools.islice(common.iter_doc_batches(common.split_files("val"), 0, 1), 1)
     val = pq.read_table(shared_data / "pretrain" / "shard_00012.parquet").column("text").to_pylist()
-    assert texts == val[:len(texts)] and len(texts) == 64
+    assert position == (1, 0, 0, 0) and texts == val[:len(texts)]
 
 
 def test_no_shards_is_a_clear_error(base_dir):

@@ -17,11 +17,11 @@ def make_tokenizer():
     return Tokenizer.train(iter(TRAIN_TEXT), 300)  # byte-level for anything rare: emoji split into 4 tokens
 
 
-def make_model(vocab_size, seed=0, device="cpu"):
+def make_model(vocab_size, seed=0, device="cpu", sequence_len=128):
     """A tiny GPT with weights big enough that its output depends on the context (the default init
     zeroes the projections and makes lm_head almost flat, which would make greedy decoding ties)."""
     from model import GPTConfig, build_gpt
-    config = GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SL")
     model = build_gpt(config, device)
     gen = torch.Generator().manual_seed(seed)
@@ -106,19 +106,24 @@ def test_build_chat_prompt_trims_oldest_turns_keeps_system(tok):
     for i in range(6):
         messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i}"}]
     messages.append({"role": "user", "content": "last question"})
-    full, dropped = build_chat_prompt(tok, messages, max_context=10_000, reserve=10)
-    assert dropped == 0 and full[-1] == tok.encode_special("<|assistant_start|>")
-    ids, dropped = build_chat_prompt(tok, messages, max_context=len(full) // 2, reserve=10)
-    assert 0 < dropped < 6 and len(ids) + 10 <= len(full) // 2
+    full, dropped, budget = build_chat_prompt(tok, messages, max_context=10_000, max_tokens=10)
+    assert dropped == 0 and budget == 10 and full[-1] == tok.encode_special("<|assistant_start|>")
+    ids, dropped, budget = build_chat_prompt(tok, messages, max_context=len(full) // 2, max_tokens=10)
+    assert 0 < dropped < 6 and len(ids) + 10 <= len(full) // 2 and budget == 10
     text = tok.decode(ids)
     assert text.startswith("<|bos|><|user_start|>be brief\n\n")  # system text kept, folded into the first turn
     assert "last question" in text and f"answer {5}" in text and "question 0" not in text
     expected, _ = tok.render_conversation({"messages": messages[:1] + messages[1 + 2 * dropped:]}, max_tokens=10**9)
     assert ids == expected + [tok.encode_special("<|assistant_start|>")]
+    # the reply room is at most half the context; the last message stays and the reply gets what is left
+    last = [{"role": "user", "content": "last question " * 3}]
+    alone, _, _ = build_chat_prompt(tok, last, max_context=10_000, max_tokens=1)
+    ids, dropped, budget = build_chat_prompt(tok, last, max_context=len(alone) + 3, max_tokens=100)
+    assert ids == alone and budget == 3
     with pytest.raises(ValueError, match="too long"):
-        build_chat_prompt(tok, messages, max_context=12, reserve=10)
+        build_chat_prompt(tok, last, max_context=len(alone), max_tokens=10)
     with pytest.raises(ValueError, match="end with a user message"):
-        build_chat_prompt(tok, messages[:-1], max_context=10_000, reserve=10)
+        build_chat_prompt(tok, messages[:-1], max_context=10_000, max_tokens=10)
 
 
 # ---- decoding ----
@@ -158,6 +163,7 @@ class Scripted(torch.nn.Module):
     def __init__(self, model, prompt_len, plan):
         super().__init__()
         self.model, self.config, self.prompt_len, self.plan, self.batch_sizes = model, model.config, prompt_len, plan, []
+        self.get_device, self.new_kv_cache = model.get_device, model.new_kv_cache
 
     def forward(self, idx, kv_cache=None):
         logits = self.model(idx, kv_cache=kv_cache).clone()

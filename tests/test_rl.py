@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from common import AnswerGraded, Engine, Task, Tokenizer, load_checkpoint, save_checkpoint
 from model import GPTConfig, build_gpt
 from rl import policy_gradient_loss, rl_step, rollout, tool_use
-from test_chain import RL_FLAGS, RL_STEPS, chain_dir, copy_of, read_jsonl, run_script
+from test_chain import RL_FLAGS, RL_STEPS, chain_dir, copy_of, read_jsonl, run_script, tear_last_line
 
 CHAT = {"messages": [{"role": "user", "content": "what is two plus three"},
                      {"role": "assistant", "content": [{"type": "text", "text": "so "},
@@ -128,6 +128,7 @@ def test_script_resume_repeats_the_run(tmp_path_factory, http_mirror, tmp_path):
     chain = chain_dir(tmp_path_factory, http_mirror)
     expected = read_jsonl(chain / "chatrl_checkpoints" / "d2" / "metrics.jsonl")
     base = copy_of(chain, tmp_path / "base")
+    tear_last_line(base / "chatrl_checkpoints" / "d2" / "metrics.jsonl")  # killed mid-way through a line
     run_script(base, http_mirror, "rl.py", *RL_FLAGS, "--resume-from-step", RL_STEPS - 1)
     got = read_jsonl(base / "chatrl_checkpoints" / "d2" / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in expected]

@@ -1,11 +1,18 @@
 """The code sandbox (common.execute_code, §12.2): results, limits (time, memory, output) and the calls
-it refuses (process creation, kill, deletion/writes outside the scratch directory, the parent's secrets).
-Each test starts real child interpreters; nothing here needs data or a GPU."""
+it refuses (process creation, kill, deletion/writes outside the scratch directory, the parent's secrets);
+then the escapes of code written to get out, each stopped by an operating-system layer or skipped where
+this machine lacks it. Each test starts real child interpreters; nothing here needs data or a GPU."""
 import concurrent.futures
+import contextlib
 import os
+import random
+import signal
+import socket
 import time
 
-from common import execute_code
+import pytest
+
+from common import SANDBOX_LAYERS, execute_code, sandbox_layers
 
 
 def test_passing_program_output_and_scratch_dir():
@@ -67,8 +74,8 @@ def test_deletion_outside_scratch_fails_inside_works(tmp_path):
                 f"open({str(victim)!r}, 'w').write('overwritten')",
                 f"import os\nos.symlink({str(victim)!r}, 'link')\nopen('link', 'w').write('overwritten')"]
     for code in attempts:
-        result = execute_code(code)
-        assert not result.success and "PermissionError" in result.error, code
+        result = execute_code(code)  # refused by the guard, or the path is not there (the "fs" layer)
+        assert not result.success and result.error.startswith(("PermissionError", "FileNotFoundError")), code
     assert victim.read_text() == "precious"
     inside = execute_code("import os, shutil\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\n"
                           "os.rename('a/b/f', 'g')\nos.remove('g')\nshutil.rmtree('a')\nprint(os.listdir('.'))")
@@ -102,3 +109,127 @@ def test_works_from_worker_threads():
     assert ok.success and ok.stdout == "45\n"
     assert looping.timeout and not looping.success
     assert not failing.success and failing.error == "ValueError: no"
+
+
+# ---- escapes by code written to get out: each bypasses the in-process guard on purpose, so only the
+# operating-system layers (common.sandbox_layers) can stop it; a test is skipped where its layer is missing.
+
+LAYERS = sandbox_layers()
+REAL_FILEIO = "import sys\nFileIO = type(sys.stdin.buffer.raw)\n"            # the real io.FileIO class
+REAL_POSIX = "import sys\ndel sys.modules['posix']\nimport posix\n"         # fresh, unpatched posix module
+
+
+def needs(*layers):
+    """Skip unless one of `layers` is active on this machine."""
+    return pytest.mark.skipif(not set(layers) & set(LAYERS),
+                              reason=f"sandbox layer {' or '.join(layers)} not available here (active: {LAYERS})")
+
+
+def test_layers_are_reported():
+    assert {"rlimits", "guard"} <= set(LAYERS) <= set(SANDBOX_LAYERS), LAYERS
+    assert sandbox_layers() == LAYERS  # probed once, then cached
+
+
+@needs("fs")
+def test_fileio_cannot_write_or_read_outside_scratch(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    result = execute_code(REAL_FILEIO + f"FileIO({str(victim)!r}, 'w').write(b'overwritten')")
+    assert not result.success and victim.read_text() == "precious"
+    result = execute_code(REAL_FILEIO + "print(FileIO('/etc/passwd').read())")
+    assert not result.success and "root:" not in result.stdout
+
+
+@needs("fs", "uid")  # a fresh /proc, or a uid that may not read the parent's
+def test_fileio_cannot_read_parent_environ(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2")
+    result = execute_code(REAL_FILEIO + f"print(FileIO('/proc/{os.getpid()}/environ').read())")
+    assert not result.success and "hunter2" not in result.stdout
+
+
+@needs("fs", "uid")
+def test_reimported_posix_cannot_touch_host_files(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    result = execute_code(REAL_POSIX + f"posix.system('echo pwned > {victim}')\n"
+                          f"fd = posix.open({str(victim)!r}, posix.O_WRONLY | posix.O_TRUNC)")
+    assert not result.success and victim.read_text() == "precious"
+
+
+def processes_with(marker):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if marker.encode() in f.read():
+                found.append(int(pid))
+    return found
+
+
+@needs("pidns")
+@pytest.mark.parametrize("ending", ["print('parent returns')", "while True:\n    pass",
+                                    "posix.setsid()\nwhile True:\n    pass"])  # out of the killed group
+def test_setsid_child_does_not_outlive_the_sandbox(ending):
+    marker = f"{random.randint(10**6, 10**7)}.25"  # a unique `sleep` argument to find the child by
+    code = REAL_POSIX + f"if posix.fork() == 0:\n    posix.setsid()\n    posix.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+    execute_code(code + ending, timeout=2.0)
+    deadline = time.time() + 2.0
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    survivors = processes_with(marker)
+    for pid in survivors:  # don't leave it behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+@needs("nproc")
+def test_fork_bomb_is_capped():
+    code = REAL_POSIX + ("import signal\nn = 0\ntry:\n    for n in range(1000):\n        if posix.fork() == 0:\n"
+                         "            signal.pause()\nfinally:\n    print('forked', n, flush=True)")
+    result = execute_code(code, timeout=5.0)
+    assert "BlockingIOError" in result.stderr and int(result.stdout.split()[1]) < 100, (result.stdout, result.stderr)
+
+
+@needs("fs", "uid")
+def test_ctypes_loaded_from_file_cannot_touch_host(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    code = ("import glob, importlib.util, os, sys\n"
+            "path = next(p for d in sys.path for p in glob.glob(os.path.join(d, '_ctypes.*')))\n"
+            "spec = importlib.util.spec_from_file_location('_ctypes', path)\n"
+            "sys.modules['_ctypes'] = module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "del sys.modules['ctypes']\nimport ctypes\nlibc = ctypes.CDLL(None)\n"
+            f"fd = libc.open({str(victim).encode()!r}, os.O_WRONLY | os.O_TRUNC)\n"
+            "print('open', fd, 'write', libc.write(fd, b'pwned', 5))\n"
+            f"print('kill', libc.kill({os.getpid()}, 0))\n")
+    result = execute_code(code)
+    assert result.success, result.error  # ctypes loads; what it can reach is the question
+    assert victim.read_text() == "precious" and "open -1" in result.stdout
+    if "pidns" in LAYERS or "uid" in LAYERS:
+        assert "kill -1" in result.stdout
+
+
+@needs("netns")
+def test_no_network_not_even_loopback():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.5)
+        code = (f"import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+                f"s.connect(('127.0.0.1', {server.getsockname()[1]}))\nprint('connected')")
+        result = execute_code(code)
+        assert not result.success and "connected" not in result.stdout
+        with pytest.raises(socket.timeout):
+            server.accept()
+
+
+@needs("fs")
+def test_total_written_bytes_are_capped():
+    # many files, each under the per-file limit: only the size of the scratch filesystem stops them
+    code = ("written = 0\ntry:\n    for i in range(300):\n        with open(f'f{i}', 'wb') as f:\n"
+            "            f.write(bytes(1024 ** 2))\n        written += 1024 ** 2\n"
+            "finally:\n    print(written)")
+    t0 = time.time()
+    result = execute_code(code, maximum_output_bytes=4 * 1024**2)
+    assert not result.success and "No space left" in result.error, result.error
+    assert int(result.stdout) <= 4 * 1024**2 and time.time() - t0 < 5

@@ -162,7 +162,7 @@ def test_reference_protocol_types_calculator_calls(server, models):
     status, _, payload = request(server, "POST", "/v1/chat/completions", body)
     reply = json.loads(payload)
     assert status == 200 and reply["choices"][0]["message"]["content"].startswith("[calculator: 2+3 = 5]")
-    expected_prompt, _ = build_chat_prompt(tok, body["messages"], 512, 16)
+    expected_prompt = build_chat_prompt(tok, body["messages"], 512, 16)[0]
     assert reply["usage"]["prompt_tokens"] == len(expected_prompt)
 
 
@@ -176,7 +176,7 @@ def test_openai_non_streaming_completion(server, models):
     assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-") and reply["model"] == "tiny"
     assert reply["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello world"},
                                  "finish_reason": "stop"}]
-    prompt, _ = build_chat_prompt(tok, messages, 512, 16)
+    prompt = build_chat_prompt(tok, messages, 512, 16)[0]
     assert reply["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(tok.encode("hello world")),
                               "total_tokens": len(prompt) + len(tok.encode("hello world"))}
 

@@ -8,7 +8,7 @@ import torch
 from common import NanochatError, Tokenizer
 from model import GPTConfig, build_gpt
 from sft import new_packer_state, resolve_sizes, sft_batches, sft_loss
-from test_chain import SFT_FLAGS, SFT_STEPS, chain_dir, copy_of, read_jsonl, run_script
+from test_chain import SFT_FLAGS, SFT_STEPS, chain_dir, copy_of, read_jsonl, run_script, tear_last_line
 
 WORDS = "the cat sat on a mat while seven dogs ran far away from home and then came back".split()
 
@@ -98,7 +98,9 @@ def test_resume_gives_the_same_losses(tmp_path_factory, http_mirror, tmp_path):
     chain = chain_dir(tmp_path_factory, http_mirror)
     expected = [r for r in read_jsonl(chain / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
     base = copy_of(chain, tmp_path / "base")
-    # as if the chain's run had been killed after its step-25 checkpoint; evals do not change training
+    # as if the chain's run had been killed after its step-25 checkpoint, mid-way through writing a metrics
+    # line; evals do not change training
+    tear_last_line(base / "chatsft_checkpoints" / "d2" / "metrics.jsonl")
     run_script(base, http_mirror, "sft.py", *SFT_FLAGS, "--resume-from-step", 25, "--eval-every", -1,
                "--chatcore-every", -1)
     got = [r for r in read_jsonl(base / "chatsft_checkpoints" / "d2" / "metrics.jsonl") if "loss" in r]
