@@ -4,6 +4,8 @@
     python bench.py decode --depth 6
     python bench.py tokenize
     python bench.py serve --depth 6
+    python bench.py gpu                  one command that checks a GPU (under 8 minutes on one H100), one table
+    python bench.py gpu --smoke          the same sections with a tiny model, on any machine
 """
 import argparse
 
@@ -48,8 +50,14 @@ def bench_train(args):
     torch.manual_seed(42)
     config = model.config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
                                     vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     gpt = model.build_gpt(config, device)
     gpt.chunked_loss = not args.no_chunked_loss
+    fp8 = "off"
+    if args.fp8:
+        model.check_fp8_support(device)
+        fp8 = f"{args.fp8_recipe} ({model.enable_fp8(gpt, args.fp8_recipe)} layers)"
     optimizer = gpt.setup_optimizer()
     step_model = torch.compile(gpt, dynamic=False) if args.compile else gpt
     B, T = args.device_batch_size, args.seq_len
@@ -60,7 +68,7 @@ def bench_train(args):
           f"vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} params, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
           f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
-          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}")
+          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}, fp8 {fp8}")
 
     def step():
         """One training step; returns (forward+backward s, optimizer s, loss, process CPU s). The CPU seconds
@@ -76,7 +84,7 @@ def bench_train(args):
         sync(device)
         return t1 - t0, time.perf_counter() - t1, loss.item(), time.process_time() - c0
 
-    ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE)
+    ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size)
     for i in range(args.warmup):
         fb, opt, loss, cpu = step()
         print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), "
@@ -90,17 +98,21 @@ def bench_train(args):
     dt, fb, opt, cpu = (statistics.median(t[i] for t in times) for i in range(4))
     tok_s = B * T / dt
     achieved = flops_per_token * tok_s / 1e9
-    ceiling = max(ceiling_before, matmul_ceiling(device, model.COMPUTE_DTYPE))  # best of two: load varies
+    ceiling = max(ceiling_before, matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size))  # load varies
     peak = common.get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
     mfu = f", MFU {100 * achieved * 1e9 / peak:.1f}%" if peak != float("inf") else ""
     if device.type == "cuda":
-        memory = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated on the GPU"
+        memory_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        memory = f"{memory_gib:.2f} GiB allocated on the GPU"
     else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB max RSS"
+        memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        memory = f"{memory_gib:.2f} GiB max RSS"
     print(f"median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s; {cpu:.2f} CPU s) over "
           f"{len(times)} steps: "
           f"{tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul ceiling {ceiling:.1f} GFLOP/s "
           f"({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it; peak memory {memory}")
+    return dict(tok_s=tok_s, mfu=100 * achieved * 1e9 / peak if peak != float("inf") else None,
+                memory_gib=memory_gib, loss=loss)
 
 
 def add_train_parser(sub):
@@ -116,6 +128,9 @@ def add_train_parser(sub):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as pretrain.py --compile)")
     p.add_argument("--no-chunked-loss", action="store_true", help="materialize the full logits (the reference way)")
     p.add_argument("--no-keep-freed-memory", action="store_true", help="leave glibc's malloc settings alone")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the block matrices (model.enable_fp8)")
+    p.add_argument("--fp8-recipe", default="tensorwise", choices=model.FP8_RECIPES)
+    p.add_argument("--ceiling-size", type=int, default=2048, help="n of the n x n matmuls that measure the ceiling")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_train)
@@ -185,6 +200,7 @@ def bench_decode(args):
         variants = {"drop finished": common.Engine(StopSometimes(model, end), tokenizer),
                     "keep finished": common.Engine(StopSometimes(model, end), tokenizer)}
         variants["keep finished"].drop_finished = False
+    medians = {}
     for batch_size in args.batch_sizes:
         for engine in variants.values():
             time_decode(engine, prompt, batch_size, args, seed=-1)  # warm-up
@@ -195,8 +211,10 @@ def bench_decode(args):
                 rates[name].append((tokens / seconds, seconds))
         for name, runs in rates.items():
             tok_s = sorted(r for r, _ in runs)
+            medians[(batch_size, name)] = statistics.median(tok_s)
             print(f"batch {batch_size:>3} {name:>14}: {statistics.median(tok_s):7.1f} tokens/s median "
                   f"(min {tok_s[0]:.1f}, max {tok_s[-1]:.1f}; {statistics.median(s for _, s in runs):.2f} s per run)")
+    return medians  # tokens/s by (batch size, variant)
 
 
 def add_decode_parser(sub):
@@ -355,6 +373,7 @@ def bench_serve(args):
               f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f})")
     server.shutdown()
     server.server_close()
+    return {name: statistics.median(times) for name, times in results.items()}  # seconds to the first token
 
 
 def add_serve_parser(sub):
@@ -373,7 +392,163 @@ def add_serve_parser(sub):
     p.set_defaults(func=bench_serve)
 
 
-def main():
+# ---- gpu: one command that checks a GPU ----
+import contextlib
+import gc
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+def run_subcommand(*argv):
+    """Run another bench subcommand in this process, with its own defaults and flags; returns what it returns."""
+    args = build_parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def free_device_memory():
+    """Drop compiled graphs and cached blocks between sections: each section's peak memory is its own."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cuda_tests():
+    """The CUDA tests (names with "cuda"; on a CPU they would all skip) in a fresh process."""
+    command = [sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-m", "not e2e", "-p", "no:cacheprovider", "tests"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout, proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
+    if proc.returncode != 0:
+        raise RuntimeError(summary)
+    return dict(note=summary)
+
+
+def flags(**options):
+    """--name value pairs for run_subcommand from keyword arguments (underscores become dashes)."""
+    return [item for key, value in options.items() for item in ("--" + key.replace("_", "-"), value)]
+
+
+def bench_gpu(args):
+    """Every GPU-facing path in one run, printed as one table: the CUDA tests; training throughput (compiled, FA3
+    when importable) of d12 at seq 2048 in bf16 and fp8 with SSSL and L windows and of d24 at device batch 16;
+    --device-batch-size auto; KV-cache decode at batch 1, 8, 32; one request through serve.py. --smoke: the same
+    sections with a tiny model on any machine, rows that need CUDA marked skipped. Exit status 1 if a row failed."""
+    import pretrain  # before the first CUDA allocation: its allocator settings (expandable segments) apply here too
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("bench.py gpu: no CUDA GPU visible; run `python bench.py gpu --smoke` for the tiny-model version",
+              file=sys.stderr)
+        return 1
+    device = torch.device("cuda" if cuda else "cpu")
+    try:
+        model.check_fp8_support(device)
+        fp8_skip = None
+    except ValueError:
+        fp8_skip = "fp8 needs compute capability 8.9+"
+    if args.smoke:  # tiny, but 128 wide: the smallest width whose matrices pass the fp8 filter
+        small = dict(depth=2, head_dim=64, seq_len=128, vocab_size=512)
+        big, batches = dict(small, depth=3), (2, 2)
+        small_steps = big_steps = flags(steps=2, warmup=1, ceiling_size=256)
+        served = small
+        decode = flags(prompt_tokens=16, decode_tokens=8, repeats=1)
+        serve = flags(prompt_tokens=16, decode_tokens=4, repeats=1)
+        auto_max = 8
+    else:
+        small = dict(depth=12, head_dim=128, seq_len=2048, vocab_size=32768)
+        big, batches = dict(small, depth=24), (32, 16)
+        small_steps, big_steps = flags(steps=30, warmup=3), flags(steps=10, warmup=2)
+        served = big  # the model the gpu presets of speedrun.sh train
+        decode = flags(prompt_tokens=128, decode_tokens=128, repeats=3)
+        serve = flags(prompt_tokens=128, decode_tokens=16, repeats=1)
+        auto_max = 1048576 // big["seq_len"]  # the gpu preset's total batch, in sequences
+    compile_flag = ["--compile"] if cuda else []  # compiling on a CPU costs minutes and is not what is checked
+    dtype = str(model.COMPUTE_DTYPE).removeprefix("torch.")
+
+    def attention_impl(pattern):
+        if model.USE_FA3:
+            return "fa3"
+        return "flex" if cuda and model.FLEX_ON_CUDA and "S" in pattern else "sdpa"
+
+    rows = []  # (section, config, tokens/s, MFU %, peak GiB, result)
+    log_path = pathlib.Path(tempfile.gettempdir()) / "bench_gpu.log"
+    t_start = time.perf_counter()
+    with open(log_path, "w") as log:
+        def section(name, config, skip, fn):
+            """Run fn with its output in the log and add its row; a failure becomes a FAILED row, not an exit."""
+            print(f"[bench gpu {time.perf_counter() - t_start:4.0f} s] {name}: {config}", file=sys.stderr, flush=True)
+            if skip:
+                rows.append((name, config, None, None, None, f"skipped: {skip}"))
+                return None
+            print(f"\n==== {name}: {config}", file=log, flush=True)
+            t0 = time.perf_counter()
+            try:
+                with contextlib.redirect_stdout(log):
+                    result = fn()
+            except Exception as e:
+                print(f"FAILED: {type(e).__name__}: {e}", file=log, flush=True)
+                rows.append((name, config, None, None, None, f"FAILED: {type(e).__name__}: {str(e)[:80]}"))
+                return None
+            finally:
+                free_device_memory()
+            r = result if isinstance(result, dict) else {}
+            rows.append((name, config, r.get("tok_s"), r.get("mfu"), r.get("memory_gib"),
+                         r.get("note") or f"{time.perf_counter() - t0:.0f} s in all"))  # compile included
+            return result
+
+        section("cuda tests", "pytest -k cuda", None if cuda else "needs CUDA", cuda_tests)
+        runs = [(small, batches[0], small_steps, pattern, fp8) for pattern in ("SSSL", "L") for fp8 in (False, True)]
+        runs += [(big, batches[1], big_steps, "SSSL", fp8) for fp8 in (False, True)]
+        for shape, batch, steps, pattern, fp8 in runs:
+            precision = "fp8" if fp8 else dtype
+            config = f"seq {shape['seq_len']} x {batch}, {pattern}, {precision}, {attention_impl(pattern)}"
+            section(f"train d{shape['depth']}", config, fp8_skip if fp8 else None,
+                    lambda: run_subcommand("train", *flags(**shape, device_batch_size=batch, window_pattern=pattern),
+                                           *steps, *compile_flag, *(["--fp8"] if fp8 else [])))
+
+        def auto_batch():
+            config = model.config_for_depth(big["depth"], head_dim=big["head_dim"], sequence_len=big["seq_len"],
+                                            vocab_size=big["vocab_size"])
+            return dict(note=f"device batch {pretrain.find_device_batch_size(config, auto_max, device)} fits")
+        section("device batch auto", f"d{big['depth']}, seq {big['seq_len']}, at most {auto_max}",
+                None if cuda else "needs CUDA", auto_batch)
+        rates = section("decode", f"d{served['depth']}, KV cache, batch 1/8/32", None,
+                        lambda: run_subcommand("decode", *flags(**served), *decode, "--batch-sizes", "1,8,32"))
+        if rates:
+            rows.pop()
+            rows += [("decode", f"d{served['depth']}, KV cache, batch {b}", tok_s, None, None, "")
+                     for (b, _), tok_s in rates.items()]
+        first = section("serve", f"d{served['depth']}, one request through serve.py", None,
+                        lambda: run_subcommand("serve", *flags(**served), *serve))
+        if first:
+            rows[-1] = rows[-1][:5] + (f"first token {1000 * first['POST /v1/chat/completions']:.0f} ms "
+                                       f"(engine alone {1000 * first['engine, no HTTP']:.0f} ms)",)
+
+    device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"\nbench.py gpu{' --smoke' if args.smoke else ''}: {device_name}, torch {torch.__version__}, dtype {dtype}, "
+          f"FA3 {'yes' if model.USE_FA3 else 'no'}; {time.perf_counter() - t_start:.0f} s in all; log: {log_path}")
+    header = ("section", "config", "tokens/s", "MFU", "peak mem", "result")
+    cells = [header] + [(s, c, "-" if t is None else f"{t:,.0f}", "-" if m is None else f"{m:.1f}%",
+                         "-" if g is None else f"{g:.1f} GiB", note) for s, c, t, m, g, note in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j in (2, 3, 4) else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 1 if any(row[5].startswith("FAILED") for row in rows) else 0
+
+
+def add_gpu_parser(sub):
+    p = sub.add_parser("gpu", help="check a GPU end to end in one table (under 8 minutes on one H100)")
+    p.add_argument("--smoke", action="store_true", help="the same sections with a tiny model, on any machine")
+    p.set_defaults(func=bench_gpu)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     # each section registers its subcommand here
@@ -381,8 +556,15 @@ def main():
     add_decode_parser(sub)
     add_tokenize_parser(sub)
     add_serve_parser(sub)
-    args = parser.parse_args()
-    args.func(args)
+    add_gpu_parser(sub)
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    status = args.func(args)
+    if args.command == "gpu":
+        sys.exit(status)  # nonzero when a section failed
 
 
 if __name__ == "__main__":

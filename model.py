@@ -69,8 +69,9 @@ USE_FA3 = FA3 is not None and COMPUTE_DTYPE == torch.bfloat16
 def attention(q, k, v, window, impl=None):
     """Causal attention of q (B, Tq, H, hd) over k, v (B, Tk, Hkv, hd); the queries are the last Tq of the Tk
     positions. A query sees the keys at most `window` positions back (window >= Tk-1: the whole prefix).
-    Returns (B, Tq, H, hd). impl: None (automatic), "fa3" or "sdpa"."""
-    impl = impl or ("fa3" if USE_FA3 else "sdpa")
+    Returns (B, Tq, H, hd). impl: None (automatic), "fa3", "flex" (windowed layers through FlexAttention; chosen
+    on CUDA without FA3 when training) or "sdpa"."""
+    impl = impl or ("fa3" if USE_FA3 else "flex" if FLEX_ON_CUDA and q.is_cuda and q.requires_grad else "sdpa")
     Tq, Tk = q.size(1), k.size(1)
     full = window >= Tk - 1
     if impl == "fa3":
@@ -84,6 +85,8 @@ def attention(q, k, v, window, impl=None):
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk and full:  # the fast path: fused causal kernels on every device
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif Tq == Tk and impl == "flex":
+        y = flex_sliding_window_attention(q, k, v, window)
     elif Tq == Tk:
         y = _sliding_window_attention(q, k, v, window)
     else:  # a chunk of queries after cached keys (inference only): a small explicit (Tq, Tk) mask
@@ -749,3 +752,171 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.copy_(new)
             return finish
         return update
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding-window attention with FlexAttention: CUDA training without FA3, in O(T * window) block-sparse kernels
+import functools
+import importlib.util
+
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+FLEX_ON_CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # compiles to Triton
+_BLOCK_MASKS = {}  # (T, window, device) -> BlockMask, for eager callers
+
+
+def _window_block_mask(T, window, device):
+    return create_block_mask(lambda b, h, q, k: (k <= q) & (q - k <= window), None, None, T, T, device=device)
+
+
+def flex_block_mask(T, window, device):
+    """The block mask of causal attention at most `window` positions back, over T queries and keys: built once per
+    (T, window, device) in eager mode. Under torch.compile it is built inside the graph instead (one pass over T x T
+    booleans, small next to the attention it masks): filling a cache while tracing makes dynamo compile the whole
+    model a second time, to guard on the filled cache."""
+    if torch.compiler.is_compiling():
+        return _window_block_mask(T, window, device)
+    key = (T, window, str(device))
+    if key not in _BLOCK_MASKS:
+        _BLOCK_MASKS[key] = _window_block_mask(T, window, device)
+    return _BLOCK_MASKS[key]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_sliding_window_attention(q, k, v, window):
+    """Sliding-window causal attention through FlexAttention; q, k, v: (B, H, T, hd) with equal T.
+    Compiled on CUDA (inside a compiled model the model's compile covers it); eager elsewhere, where it materializes
+    the scores and has no backward on the CPU: a reference there. attention() picks it for training only: with
+    dynamic=False, every new inference length would compile again."""
+    compiled = q.is_cuda and not torch.compiler.is_compiling()
+    fn = _compiled_flex_attention() if compiled else flex_attention
+    return fn(q, k, v, block_mask=flex_block_mask(q.size(2), window, q.device), enable_gqa=q.size(1) != k.size(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 training: the block matrices multiply in float8 through torch._scaled_mm, forward and both backward matmuls,
+# with dynamic scales. Weights stay in full precision, so checkpoints are ordinary ones.
+import contextlib
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2  # e4m3: activations, weights; e5m2 (wider range): gradients
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+def check_fp8_support(device):
+    """Raise a one-line ValueError where fp8 matmuls cannot run. The CPU runs them (slowly), so they can be tested."""
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability < (8, 9):
+        major, minor = capability
+        raise ValueError(f"fp8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                         f"{torch.cuda.get_device_name(device)} has {major}.{minor}: train without --fp8")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"fp8 runs on CUDA (capability 8.9+) or the CPU, not on {device.type}: train without --fp8")
+
+
+def to_fp8(x, dtype, dim=None):
+    """Quantize 2-D x with a dynamic scale that maps its largest magnitude to the format's largest value: one scale
+    for the tensor (dim None) or one per slice along `dim`, the axis a matmul contracts. Returns the fp8 tensor and
+    the inverse scale (float32, what _scaled_mm multiplies back in)."""
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    fmax = torch.finfo(dtype).max
+    scale = fmax / amax.float().clamp_min(1e-12)
+    xq = (x.float() * scale).clamp(-fmax, fmax).to(dtype)  # saturate: e4m3 has no inf, an overflow would be NaN
+    return xq, scale.reciprocal()
+
+
+def _transposed(quantized):
+    xq, inv = quantized
+    # _scaled_mm checks the scales' strides too, and .contiguous() keeps a transposed (N, 1) tensor's strides
+    return xq.t().contiguous(), inv.t().clone(memory_format=torch.contiguous_format)
+
+
+def fp8_mm(a, b, out_dtype, fast_accum):
+    """a @ b.T for quantized (tensor, inverse scale) pairs a (M, K) and b (N, K), both row-major: b.T is then the
+    column-major second operand cuBLAS's fp8 kernels require. Row scales are (M, 1) for a and (N, 1) for b."""
+    (aq, a_inv), (bq, b_inv) = a, b
+    return torch._scaled_mm(aq, bq.t(), scale_a=a_inv, scale_b=b_inv.t(), out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x @ w.T with all three matmuls in fp8. Tensorwise keeps the fp8 x and w for backward (half the bytes
+    of bf16) and transposes them there; rowwise keeps x and w themselves, because the backward matmuls contract
+    along the other axis and so need scales along the other axis (as torchao's rowwise does)."""
+    @staticmethod
+    def forward(ctx, x, w, recipe):
+        dim = -1 if recipe == "rowwise" else None
+        xq, wq = to_fp8(x, E4M3, dim), to_fp8(w, E4M3, dim)
+        ctx.recipe = recipe
+        if recipe == "rowwise":
+            ctx.save_for_backward(x, w)
+        else:
+            ctx.save_for_backward(*xq, *wq)
+        return fp8_mm(xq, wq, x.dtype, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if ctx.recipe == "rowwise":
+            x, w = ctx.saved_tensors
+            g_rows, g_cols = to_fp8(grad, E5M2, -1), to_fp8(grad, E5M2, 0)
+            x_cols, w_cols = to_fp8(x, E4M3, 0), to_fp8(w, E4M3, 0)
+        else:
+            xq, x_inv, wq, w_inv = ctx.saved_tensors
+            g_rows = g_cols = to_fp8(grad, E5M2)
+            x_cols, w_cols = (xq, x_inv), (wq, w_inv)
+        # accumulate the gradients in full precision (no fast accumulation), as the reference does
+        dx = fp8_mm(g_rows, _transposed(w_cols), grad.dtype, fast_accum=False)              # grad @ w
+        dw = fp8_mm(_transposed(g_cols), _transposed(x_cols), grad.dtype, fast_accum=False)  # grad.T @ x
+        return dx, dw, None
+
+
+class Fp8Linear(Linear):
+    """A Linear whose matmuls run in fp8 while fp8_recipe is set ("tensorwise" or "rowwise"); None: plain Linear.
+    enable_fp8 turns Linear modules into this class in place: parameters, state-dict keys and the optimizer's
+    references to the weights stay the same."""
+    fp8_recipe = None
+
+    def forward(self, x):
+        rows = x.numel() // x.size(-1)
+        if self.fp8_recipe is None or rows % 16:  # _scaled_mm on CUDA needs every size a multiple of 16
+            return super().forward(x)
+        y = _Fp8Matmul.apply(x.reshape(rows, x.size(-1)), self.weight.to(x.dtype), self.fp8_recipe)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def fp8_eligible(module):
+    """The reference's filter: both sizes multiples of 16 (a _scaled_mm requirement) and at least 128 (smaller
+    matrices lose more to the casts than fp8 gains). Picks every block matrix, not the value-embedding gates."""
+    return (isinstance(module, Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+            and min(module.in_features, module.out_features) >= 128)
+
+
+def enable_fp8(gpt, recipe="tensorwise"):
+    """Train gpt's eligible block matrices in fp8 (call before torch.compile); returns how many were converted.
+    lm_head passes the filter but stays as it is: GPT.forward applies its weight directly, in the chunked loss."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r} is not one of {', '.join(FP8_RECIPES)}")
+    layers = [m for m in gpt.transformer.h.modules() if fp8_eligible(m)]
+    for m in layers:
+        m.__class__ = Fp8Linear
+        m.fp8_recipe = recipe
+    return len(layers)
+
+
+@contextlib.contextmanager
+def fp8_disabled(gpt):
+    """Inside the block gpt's fp8 layers run as plain Linear (evaluation, sampling); a compiled gpt recompiles once
+    for it, since the graphs are guarded on fp8_recipe."""
+    layers = [(m, m.fp8_recipe) for m in gpt.modules() if isinstance(m, Fp8Linear)]
+    for m, _ in layers:
+        m.fp8_recipe = None
+    try:
+        yield gpt
+    finally:
+        for m, recipe in layers:
+            m.fp8_recipe = recipe

@@ -50,8 +50,10 @@ case "$PRESET" in
     export OMP_NUM_THREADS=1
     DEPTH="${DEPTH:-24}"; SHARDS=170
     [ "$PRESET" = gpu8 ] && BATCH=16 || BATCH=auto
+    # fp8 matmuls where the GPU has them (compute capability 8.9+: Ada, Hopper, Blackwell), as the reference does
+    FP8=$($PY -c "import torch; print('--fp8' if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) else '')")
     TOK="--vocab-size 32768 --max-chars 2000000000"
-    PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576"
+    PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576 $FP8"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
   cpu)  # ~10 min on an idle 2-core machine: ~6 of pretraining, ~2 of SFT, a few RL steps, evals on a sample
     DEPTH="${DEPTH:-4}"; SHARDS=4
