@@ -1,4 +1,5 @@
-"""The GPT model, its attention backend, the KV cache and the Muon+AdamW optimizer, in one file.
+"""The GPT model, its attention backends, the KV cache and sampler, checkpoint loading, the Muon+AdamW optimizer and
+fp8 training, in one file.
 
 This file depends on torch and the Python standard library only: copy it alone into another project.
 
@@ -13,9 +14,14 @@ Hopper when its `flash_attn_interface` module is importable, else PyTorch attent
 start with torchrun and call torch.distributed.init_process_group ("nccl", or "gloo" on CPUs) first: the optimizer
 then averages the gradients itself (ZeRO-2: reduce-scatter, each rank updates a shard, all-gather); there is no
 DistributedDataParallel. torch.compile(gpt) works too (the chunked loss stays eager).
-Parameter names equal the reference nanochat's state-dict keys, so its checkpoints load unchanged.
+Parameter names equal the reference nanochat's state-dict keys; load_gpt also reads its checkpoints. With
+enable_fp8(gpt) the block matrices train in fp8 (CUDA capability 8.9+, or slowly on the CPU); fp8_disabled(gpt)
+for evaluation.
 """
+import contextlib
 import ctypes
+import functools
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.optim.adamw import adamw
 
 
@@ -756,10 +763,6 @@ class MuonAdamW(torch.optim.Optimizer):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sliding-window attention with FlexAttention: CUDA training without FA3, in O(T * window) block-sparse kernels
-import functools
-import importlib.util
-
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 FLEX_ON_CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None  # compiles to Triton
 _BLOCK_MASKS = {}  # (T, window, device) -> BlockMask, for eager callers
@@ -800,7 +803,6 @@ def flex_sliding_window_attention(q, k, v, window):
 # ---------------------------------------------------------------------------------------------------------------
 # FP8 training: the block matrices multiply in float8 through torch._scaled_mm, forward and both backward matmuls,
 # with dynamic scales. Weights stay in full precision, so checkpoints are ordinary ones.
-import contextlib
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2  # e4m3: activations, weights; e5m2 (wider range): gradients
 FP8_RECIPES = ("tensorwise", "rowwise")

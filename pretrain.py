@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import COMPUTE_DTYPE, GPT, build_gpt, config_for_depth
+from model import COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled
 from common import (NanochatError, add_stage_flags, argument_parser, bestfit_batches, float_flag, int_flag, compute_cleanup, compute_init, due,
                     evaluate_bpb, evaluate_core, format_duration, gather_states, get_peak_flops, get_token_bytes,
                     get_tokenizer, log_metrics, print0, report_section, resume_run, run_meta, sample_prompts, save_checkpoint,
@@ -220,7 +220,10 @@ def main(argv=None):
     if args.device_batch_size == "auto" and not cuda:
         raise NanochatError("--device-batch-size auto probes GPU memory and needs CUDA: give a number instead")
     if args.fp8:
-        raise NanochatError("--fp8 is not available in this version: train without it")
+        try:
+            check_fp8_support(device)
+        except ValueError as e:
+            raise NanochatError(str(e)) from None
     tokenizer = get_tokenizer()
     for split in ("train", "val"):  # fail now, not after building the model, if data is missing
         split_files(split)
@@ -239,6 +242,8 @@ def main(argv=None):
                                       matrix_lr=args.matrix_lr * scale, weight_decay=plan["weight_decay"],
                                       scalar_lr=args.scalar_lr * scale)
     orig_model = model  # uncompiled: checkpoints, sampling, CORE
+    if args.fp8:  # before compiling; evaluation and sampling run without it (fp8_disabled), as in the reference
+        print0(f"fp8 {args.fp8_recipe}: {enable_fp8(model, args.fp8_recipe)} layers")
     use_compile = cuda if args.compile is None else args.compile
     if use_compile:
         model = torch.compile(model, dynamic=False)
@@ -271,20 +276,21 @@ def main(argv=None):
     while True:
         last_step = step == steps
         record = {"step": step}
-        if due(args.eval_every, step, last_step):
-            val_loader = bestfit_batches(tokenizer, device_batch_size, T, "val", device, rank=rank,
-                                         world_size=world_size)
-            val_bpb = record["val_bpb"] = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-            val_loader.close()
-            loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
-        if due(args.core_metric_every, step, last_step, after=0):
-            core = evaluate_core(orig_model, tokenizer, args.core_metric_max_per_task, rank=rank,
-                                 world_size=world_size)
-            record["core_metric"] = core["core_metric"]
-            print0(f"step {step:05d} | CORE {core['core_metric']:.4f}" + (" (partial)" if core["partial"] else ""))
-        if rank == 0 and due(args.sample_every, step, last_step, after=0):
-            sample_prompts(orig_model, tokenizer)
+        with fp8_disabled(orig_model):  # evaluation and sampling in full precision (a no-op without --fp8)
+            if due(args.eval_every, step, last_step):
+                val_loader = bestfit_batches(tokenizer, device_batch_size, T, "val", device, rank=rank,
+                                             world_size=world_size)
+                val_bpb = record["val_bpb"] = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+                val_loader.close()
+                loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
+                print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
+            if due(args.core_metric_every, step, last_step, after=0):
+                core = evaluate_core(orig_model, tokenizer, args.core_metric_max_per_task, rank=rank,
+                                     world_size=world_size)
+                record["core_metric"] = core["core_metric"]
+                print0(f"step {step:05d} | CORE {core['core_metric']:.4f}" + (" (partial)" if core["partial"] else ""))
+            if rank == 0 and due(args.sample_every, step, last_step, after=0):
+                sample_prompts(orig_model, tokenizer)
         if last_step or due(args.save_every, step, last_step, after=resume_step):
             states = gather_states(batch[2])
             meta = run_meta(step, orig_model, args, model_tag, loop, val_bpb=val_bpb,
