@@ -63,7 +63,7 @@ case "$PRESET" in
       --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032 --scalar-lr 2
       --eval-every 150 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 12 --split-tokens 32768 --device-batch-size 8"
-    SFT="--num-iterations 250 --eval-every 125 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0
+    SFT="--num-iterations 250 --eval-every 125 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
       --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     RL="--num-iterations 10 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
       --eval-every 10 --eval-examples 8"
@@ -74,7 +74,7 @@ case "$PRESET" in
     PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20
       --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
-    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every 0 --mmlu-epochs 0"
+    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0"
     RL="--num-iterations 2 --examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16
       --eval-every 2 --eval-examples 2"
     CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;
