@@ -348,6 +348,18 @@ def test_a_full_disk_reported_by_torch_or_the_os_is_one_line(base_dir, monkeypat
         save_step(ckpt, 7)
 
 
+def test_a_full_disk_during_a_download_is_one_line(shared_data, base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
+
+    def full(src, dst):
+        open(dst, "wb").write(b"PAR1")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(NanochatError, match="no space left on device writing .*shard_00000.parquet"):
+        common.download_shard(0)
+    assert os.listdir(base_dir / "base_data_climbmix") == ["shard_00000.parquet.lock"]  # the temp file is gone
+
+
 # ---- 3. bad flags and an unusable base dir ----
 
 def parse(module, argv, monkeypatch):
