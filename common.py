@@ -24,6 +24,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import errno
 import fcntl
 import glob
 import html
@@ -70,8 +71,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the docstring's layout and shows every flag's default."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A mistake on the command line is one line naming the flag and what it takes (exit status 2),
+    not the usage block of forty flags above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def argument_parser(doc):
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 def number_flag(kind, low=None, high=None, never=False, auto=False):
@@ -130,8 +139,20 @@ def add_sampling_flags(parser, temperature):
 
 def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base_dir, exist_ok=True)
-    return base_dir
+    return make_dir(base_dir)
+
+
+def make_dir(path, writable=False):
+    """os.makedirs, but a folder that cannot be made (a file in the way, a read-only disk) or, with
+    writable=True, cannot be written in is one line saying so. Returns path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NanochatError(f"cannot create the folder {path}: {e.strerror or e}; "
+                            "set NANOCHAT_BASE_DIR to a writable folder") from None
+    if writable and not os.access(path, os.W_OK):  # access() also reports a read-only mount
+        raise NanochatError(f"cannot write in {path}: it is read-only; set NANOCHAT_BASE_DIR to a writable folder")
+    return path
 
 
 def autodetect_device_type():
@@ -222,7 +243,8 @@ def get_peak_flops(device_name):
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Write to a temp file beside `path` and rename it over `path` only once the block has finished,
-    so a crash or a full disk never leaves a half-written file under the real name."""
+    so a crash or a full disk never leaves a half-written file under the real name. The temp name
+    carries the writer's PID: remove_stale_temps clears what a killed writer left."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -233,6 +255,33 @@ def atomic_write(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Delete the temp files (atomic_write's <name>.tmp<pid>, download_file's <name>.tmp<pid>.<thread>)
+    whose writer is no longer running: a killed save would otherwise leave gigabytes behind."""
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
+        m = re.search(r"\.tmp(\d+)(\.\d+)?$", path)
+        if m and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def is_disk_full(e):
+    """Is this write error a full disk? torch.save loses the errno and says "unexpected pos" instead."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
 
 
 def rank_and_world():
@@ -355,18 +404,59 @@ def _fetch_once(url, tmp, desc):
         raise RetryableError(f"got {done} of {expected} bytes")
 
 
+def parquet_problem(path):
+    """Why the parquet file at `path` is unreadable (truncated, empty, not parquet), or None when its
+    magic bytes and footer are sound. Cheap: it reads the first and last bytes and the footer only."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            return f"{size} bytes, no parquet header and footer"
+        pq.read_metadata(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others for a bad footer
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return None
+
+
+def check_download(tmp, source):
+    """A fetched file named *.parquet must be sound before it takes its real name."""
+    problem = parquet_problem(tmp) if source.endswith(".parquet") else None
+    if problem and not is_url(source):
+        raise NanochatError(f"the copy at {source} is not a readable parquet file ({problem}): replace it")
+    if problem:
+        raise RetryableError(f"the downloaded file is not a readable parquet file ({problem})")
+
+
+def present(dest_path):
+    """Is dest_path there and sound? A parquet file that fails the footer check is deleted (and so fetched again)."""
+    if not os.path.exists(dest_path):
+        return False
+    problem = parquet_problem(dest_path) if dest_path.endswith(".parquet") else None
+    if problem:
+        print0(f"{dest_path} is corrupt ({problem}); fetching it again")
+        with contextlib.suppress(FileNotFoundError):  # another rank removed it first
+            os.remove(dest_path)
+    return not problem
+
+
 def download_file(source, dest_path, desc=None, attempts=5, backoff=None):
-    """Fetch `source` (URL or local path, see source_for) to `dest_path` unless it is already there.
-    Streams to a temp file, checks the byte count, renames; retries with exponential backoff
+    """Fetch `source` (URL or local path, see source_for) to `dest_path` unless it is already there
+    (a parquet file there that fails its footer check is fetched again). Streams to a temp file, checks
+    the byte count (and a parquet's footer), renames; retries with exponential backoff
     (NANOCHAT_DOWNLOAD_BACKOFF seconds, default 2, doubling); a file lock makes ranks and concurrent
     runs wait for one download instead of racing. Raises NanochatError with a one-line reason."""
-    if os.path.exists(dest_path):
-        return dest_path
+    if os.path.exists(dest_path) and (not dest_path.endswith(".parquet") or parquet_problem(dest_path) is None):
+        return dest_path  # no lock needed: files under their final name are complete (a read-only folder works)
     backoff = float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)) if backoff is None else backoff
-    os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
+    make_dir(os.path.dirname(os.path.abspath(dest_path)), writable=True)
     with file_lock(dest_path):
-        if os.path.exists(dest_path):  # someone else finished it while we waited for the lock
+        if present(dest_path):  # already there, or someone else finished it while we waited for the lock
             return dest_path
+        for stale in glob.glob(glob.escape(dest_path) + ".tmp*"):  # under the lock: left by a killed download
+            os.remove(stale)
         tmp = f"{dest_path}.tmp{os.getpid()}.{threading.get_ident()}"
         try:
             if not is_url(source):
@@ -375,11 +465,13 @@ def download_file(source, dest_path, desc=None, attempts=5, backoff=None):
                 shutil.copyfile(source, tmp)
                 if os.path.getsize(tmp) != os.path.getsize(source):
                     raise NanochatError(f"could not copy {source}: size mismatch (disk full?)")
+                check_download(tmp, source)
                 os.replace(tmp, dest_path)
                 return dest_path
             for attempt in range(attempts):
                 try:
                     _fetch_once(source, tmp, desc)
+                    check_download(tmp, source)
                     os.replace(tmp, dest_path)
                     return dest_path
                 except RetryableError as e:
@@ -391,6 +483,10 @@ def download_file(source, dest_path, desc=None, attempts=5, backoff=None):
                         print0(f"download of {source} failed ({reason}); retry {attempt + 1}/{attempts - 1} in {wait:.0f}s")
                         time.sleep(wait)
             raise NanochatError(f"could not download {source}: {reason}. {MIRROR_HINT}")
+        except OSError as e:
+            if is_disk_full(e):
+                raise NanochatError(f"no space left on device writing {dest_path}: free some space and run again") from None
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -443,6 +539,23 @@ def download_shard(index):
     return download_file(source_for(SHARD_URL.format(index), relpath), shard_path(index))
 
 
+def repair_shards(files):
+    """Check the footer of every local shard in `files`; one that fails it is fetched again from its
+    source (the hub or NANOCHAT_MIRROR) before a loader trips over it in the middle of a run."""
+    for path in files:
+        problem = parquet_problem(path)
+        if problem is None:
+            continue
+        m = re.fullmatch(r"shard_(\d+)\.parquet", os.path.basename(path))
+        if not m or os.path.dirname(os.path.abspath(path)) != os.path.abspath(pretrain_data_dir()):
+            raise NanochatError(f"{path} is not a readable parquet file ({problem}): delete or replace it")
+        try:
+            download_shard(int(m.group(1)))
+        except NanochatError as e:
+            raise NanochatError(f"{path} is corrupt ({problem}) and could not be fetched again: {e}") from None
+    return files
+
+
 def download_shards(num_train_shards, num_workers=4, background=False):
     """Download the first `num_train_shards` training shards plus the validation shard (the source's
     last), in parallel threads. -1 means all. With background=True returns a Future at once
@@ -463,7 +576,7 @@ def download_shards(num_train_shards, num_workers=4, background=False):
     if num_train < num_train_shards:
         print0(f"the source has only {total - 1} training shards; downloading those")
     indices = [total - 1] + list(range(num_train))
-    todo = [i for i in indices if not os.path.exists(shard_path(i))]
+    todo = [i for i in indices if parquet_problem(shard_path(i))]  # missing or corrupt
     t0, done_bytes = time.time(), 0
     pool = concurrent.futures.ThreadPoolExecutor(num_workers)
     try:
@@ -592,6 +705,17 @@ def fetch(source, dest_path, what):
         raise
 
 
+def split_complete(dest):
+    """Is the split in `dest` complete: manifest.json readable and each file it lists a sound parquet?
+    A corrupt file is deleted here, so the caller fetches it again."""
+    try:
+        with open(os.path.join(dest, "manifest.json")) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all([present(os.path.join(dest, name)) for name in files])  # a list: check (and clear) every file
+
+
 def load_hub_dataset(repo_id, subset, split):
     """One split of a Hugging Face dataset as a pyarrow Table. The hub lists the split's parquet files,
     each is downloaded to <base>/task_data/<repo>/<subset>/<split>/NNNNN.parquet; manifest.json is
@@ -600,7 +724,7 @@ def load_hub_dataset(repo_id, subset, split):
     what = f"{repo_id} {subset}/{split}"
     dest = task_data_dir(repo_id.replace("/", "--"), subset, split)
     manifest = os.path.join(dest, "manifest.json")
-    if not os.path.exists(manifest):
+    if not split_complete(dest):
         listing = hub_listing_url(repo_id, subset, split)
         source = source_for(listing, hub_mirror_relpath(repo_id, subset, split))
         if source == listing:  # the real hub: ask which files make up the split
@@ -665,7 +789,7 @@ class Tokenizer:
     def save(self, tokenizer_dir):
         """Plain JSON (no pickle): the split pattern, the specials, and token bytes (base64) in rank order.
         Also writes token_bytes.pt, the byte length of each token id used for bits-per-byte."""
-        os.makedirs(tokenizer_dir, exist_ok=True)
+        make_dir(tokenizer_dir, writable=True)
         ranks = self.enc._mergeable_ranks
         tokens = sorted(ranks, key=ranks.get)
         assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
@@ -679,18 +803,24 @@ class Tokenizer:
     @classmethod
     def load(cls, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                payload = json.load(f)
-            ranks = {base64.b64decode(t): i for i, t in enumerate(payload["mergeable_ranks"])}
-            return cls.from_ranks(ranks, payload["pattern"], payload["special_tokens"])
         pkl = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        if os.path.exists(pkl):
+        if not os.path.exists(path) and not os.path.exists(pkl):
+            raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
+        try:
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    payload = json.load(f)
+                ranks = {base64.b64decode(t, validate=True): i for i, t in enumerate(payload["mergeable_ranks"])}
+                return cls.from_ranks(ranks, payload["pattern"], payload["special_tokens"])
             # the reference's format: a pickled tiktoken.Encoding. Unpickling runs code from the
             # file, so only load a tokenizer.pkl you made yourself or got from a source you trust.
+            path = pkl
             with open(pkl, "rb") as f:
                 return cls(pickle.load(f))
-        raise NanochatError(f"no tokenizer in {tokenizer_dir}: run `python train_tokenizer.py` first")
+        except Exception as e:  # truncated, garbled, a field missing or of the wrong type
+            raise NanochatError(f"{path} is corrupt ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): "
+                                "restore it, or rebuild it with `python train_tokenizer.py` (then retrain: a model "
+                                "only works with the tokenizer it was trained with)") from None
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -796,10 +926,25 @@ def get_tokenizer():
 
 
 def get_token_bytes(device="cpu"):
-    path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
-    if not os.path.exists(path):
-        raise NanochatError(f"{path} not found: run `python train_tokenizer.py` first")
-    return torch.load(path, map_location=device, weights_only=True).long()
+    """The byte length of each token id (for bits per byte), from token_bytes.pt; when that file is missing,
+    corrupt or of another vocabulary it is rebuilt from the tokenizer, which it is derived from."""
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    try:
+        token_bytes = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(token_bytes, torch.Tensor) and token_bytes.shape == (tokenizer.get_vocab_size(),):
+            return token_bytes.long().to(device)
+        problem = "another vocabulary"
+    except Exception as e:  # missing, truncated, garbled
+        problem = type(e).__name__
+    token_bytes = tokenizer.token_bytes()
+    print0(f"{path} is unreadable ({problem}): rebuilt it from the tokenizer")
+    if get_rank() == 0:
+        with contextlib.suppress(OSError):  # a read-only folder: use it without saving
+            with atomic_write(path, "wb") as f:
+                torch.save(token_bytes, f)
+    return token_bytes.long().to(device)
 
 
 def build_chat_prompt(tokenizer, messages, max_context, max_tokens):
@@ -1099,18 +1244,36 @@ def checkpoint_dir(stage, model_tag):
 def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0):
     """Every rank writes its optimizer shard; rank 0 then writes the model and, last, the meta JSON.
     Each file goes to a temp name and is renamed when complete, and a step counts as saved only once
-    its meta exists, so a crash mid-write leaves the previous checkpoint the latest loadable one."""
-    os.makedirs(ckpt_dir, exist_ok=True)
+    its meta exists, so a crash or a full disk mid-write leaves the previous checkpoint the latest loadable one."""
+    make_dir(ckpt_dir, writable=True)
     if optimizer_state is not None:
-        with atomic_write(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")) as f:
-            torch.save(optimizer_state, f)
+        with full_disk_is_one_line(os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt"), step) as path:
+            with atomic_write(path) as f:
+                torch.save(optimizer_state, f)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # all optimizer shards are on disk before the meta declares the step complete
     if rank == 0:
-        with atomic_write(os.path.join(ckpt_dir, f"model_{step:06d}.pt")) as f:
-            torch.save(model_state, f)
-        with atomic_write(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        with full_disk_is_one_line(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), step) as path:
+            with atomic_write(path) as f:
+                torch.save(model_state, f)
+        with full_disk_is_one_line(os.path.join(ckpt_dir, f"meta_{step:06d}.json"), step) as path:
+            with atomic_write(path, "w") as f:
+                json.dump(meta, f, indent=2)
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(path, step=None):
+    """A full disk while writing `path` in a checkpoint folder: one line naming the file and the latest
+    complete checkpoint (other than `step`, the one being written), which atomic writes kept intact."""
+    try:
+        yield path
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        saved = [entry for entry in _saved_steps(os.path.dirname(path)) if entry[1] != step]
+        intact = f"the checkpoint at step {max(saved)[1]} is intact" if saved else "there is no earlier checkpoint"
+        raise NanochatError(f"no space left on device writing {path}; {intact}: free some space, then resume "
+                            "with --resume-from-step") from None
 
 
 def _saved_steps(ckpt_dir):
@@ -1146,9 +1309,10 @@ def _torch_load(path, device):
         raise NanochatError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise NanochatError(f"checkpoint file {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
-                            "delete that step to fall back to an earlier one") from e
+    except Exception as e:  # zero bytes (EOFError), truncated (OSError), garbage (UnpicklingError, KeyError)
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise NanochatError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: {reason}); "
+                            "delete that step to fall back to an earlier one") from None
 
 
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
@@ -1157,11 +1321,18 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0):
     if not os.path.isdir(ckpt_dir):
         raise NanochatError(f"checkpoint directory {ckpt_dir} does not exist")
     meta_path = os.path.join(ckpt_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(meta_path):
+        saved = ", ".join(str(s) for s in sorted(s for _, s in _saved_steps(ckpt_dir))) or "none"
+        raise NanochatError(f"no checkpoint at step {step} in {ckpt_dir} (saved steps: {saved})")
     try:
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise NanochatError(f"cannot read {meta_path}: {e}") from e
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise NanochatError(f"cannot read {meta_path} ({type(e).__name__}: {e}); "
+                            "delete that step to fall back to an earlier one") from None
+    if not isinstance(meta, dict):
+        raise NanochatError(f"{meta_path} is not a JSON object: delete that step to fall back to an earlier one")
+    meta.setdefault("step", step)  # the file name says it, whatever the JSON lacks
     model_state = _torch_load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), device)
     optimizer_state = None
     optim_path = os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
@@ -1193,7 +1364,12 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
         raise NanochatError(f"tokenizer vocab {tokenizer.get_vocab_size()} != checkpoint vocab "
                             f"{meta['model_config'].get('vocab_size')} ({ckpt_dir}): the tokenizer in "
                             f"{get_base_dir()}/tokenizer is not the one this model was trained with")
-    model = load_gpt(meta["model_config"], model_state, device)
+    try:
+        model = load_gpt(meta["model_config"], model_state, device)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config or weights that do not fit together
+        raise NanochatError(f"step {step} in {ckpt_dir}: the weights do not match the meta's model_config "
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                            "delete that step to fall back to an earlier one") from None
     model.train() if phase == "train" else model.eval()
     print0(f"loaded {stage} checkpoint {model_tag} step {step} from {ckpt_dir}")
     return model, tokenizer, {**meta, "model_tag": model_tag}
@@ -1202,15 +1378,15 @@ def load_model(stage, device, phase="eval", model_tag=None, step=None):
 def log_metrics(path, **row):
     """Append one row (step=..., loss=..., val_bpb=...) to a stage's metrics.jsonl, rank 0 only."""
     if get_rank() == 0:
-        with open(path, "a", encoding="utf-8") as f:
+        with full_disk_is_one_line(path), open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def read_metrics(path):
     """Rows of a metrics.jsonl; when the step counter goes backwards (a re-run appended to the file)
-    only the rows of the latest run are kept. Unreadable lines (a crash mid-write) are skipped."""
+    only the rows of the latest run are kept. Unreadable lines (a crash mid-write, garbled bytes) are skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -1235,12 +1411,39 @@ def trim_metrics(path, step):
 
 
 def start_run(stage, model_tag, resume_step):
-    """A stage's output folder, made ready: (checkpoint dir, metrics.jsonl path)."""
-    ckpt_dir = checkpoint_dir(stage, model_tag)
-    os.makedirs(ckpt_dir, exist_ok=True)
+    """A stage's output folder, made ready: (checkpoint dir, metrics.jsonl path). Rank 0 locks the folder
+    for the rest of the process (a second run on it stops here), then clears temp files killed runs left."""
+    ckpt_dir = make_dir(checkpoint_dir(stage, model_tag), writable=True)
     metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
+    if get_rank() == 0:
+        lock_run(ckpt_dir, STAGE_SCRIPTS[stage])
+        remove_stale_temps(ckpt_dir)
     trim_metrics(metrics_path, max(resume_step, 0))
     return ckpt_dir, metrics_path
+
+
+_run_locks = {}  # checkpoint folder -> its open lock file: the lock lasts as long as the process
+
+
+def lock_run(ckpt_dir, script):
+    """Take ckpt_dir/run.lock (flock, released by the kernel however the process ends), or stop with the PID
+    of the run holding it: two runs on one folder would interleave metrics and overwrite each other's steps."""
+    key = os.path.realpath(ckpt_dir)
+    if key in _run_locks:
+        return
+    f = open(os.path.join(ckpt_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise NanochatError(f"{ckpt_dir} is in use by another {script} run (PID {holder}): wait for it to end, "
+                            "stop it, or pass another --model-tag") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()} on {platform.node()}\n")
+    f.flush()
+    _run_locks[key] = f
 
 
 def resume_run(ckpt_dir, step, device, model, optimizer, rank=0):
@@ -1252,8 +1455,13 @@ def resume_run(ckpt_dir, step, device, model, optimizer, rank=0):
     if not isinstance(meta.get("loop_state"), dict):
         raise NanochatError(f"{ckpt_dir}/meta_{step:06d}.json has no loop_state, so the run cannot continue "
                             "exactly: start afresh without --resume-from-step")
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+    except (RuntimeError, ValueError, KeyError) as e:  # another depth, width or optimizer layout
+        raise NanochatError(f"step {step} in {ckpt_dir} was saved by a different model or optimizer "
+                            f"({(str(e).splitlines() or [''])[0][:120]}): resume with the flags of the run that "
+                            "saved it") from None
     print0(f"resumed from step {step} of {ckpt_dir}")
     return meta
 

@@ -11,8 +11,8 @@ import os
 
 from common import (CHAT_TASKS, SANDBOX_LAYERS, NanochatError, add_sampling_flags, argument_parser, atomic_write, bestfit_batches, chatcore,
                     compute_cleanup, compute_init, evaluate_bpb, evaluate_core, float_flag, get_base_dir,
-                    get_token_bytes, int_flag, load_model, parse_chat_tasks, print0, report_section, run_chat_eval,
-                    sample_prompts, sandbox_layers, write_core_csv)
+                    get_token_bytes, int_flag, load_model, make_dir, parse_chat_tasks, print0, repair_shards,
+                    report_section, run_chat_eval, sample_prompts, sandbox_layers, split_files, write_core_csv)
 
 
 # =============================================================================================
@@ -35,8 +35,7 @@ def run_base_eval(args):
     unknown = set(evals) - {"bpb", "core", "sample"}
     if unknown:
         raise NanochatError(f"--eval {args.eval}: unknown {', '.join(sorted(unknown))}; choose from bpb,core,sample")
-    out_dir = os.path.join(get_base_dir(), "base_eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = make_dir(os.path.join(get_base_dir(), "base_eval"), writable=True)
     figures = {"step": step}
     if "bpb" in evals:
         B, T = args.device_batch_size, model.config.sequence_len
@@ -45,6 +44,7 @@ def run_base_eval(args):
             raise NanochatError(f"--split-tokens {args.split_tokens} is below one batch ({B}x{T}x{world_size} "
                                 "tokens): raise it or lower --device-batch-size")
         token_bytes = get_token_bytes(device)
+        repair_shards(split_files("train") + split_files("val"))
         for split in ("train", "val"):
             batches = bestfit_batches(tokenizer, B, T, split, device, rank=rank, world_size=world_size)
             figures[f"{split} bpb"] = evaluate_bpb(model, batches, steps, token_bytes)
@@ -90,8 +90,7 @@ def chat_eval_main(args):
     for name, value in rows:
         print0(f"  {name:<14} {value}")
     if rank == 0:
-        out_dir = os.path.join(get_base_dir(), "chat_eval")
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = make_dir(os.path.join(get_base_dir(), "chat_eval"), writable=True)
         path = os.path.join(out_dir, f"{args.stage}_model_{meta.get('step', 0):06d}.csv")
         with atomic_write(path, "w") as f:
             f.write("Task,Accuracy\n" + "".join(f"{name},{value}\n" for name, value in rows))

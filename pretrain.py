@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model import COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled
 from common import (NanochatError, add_stage_flags, argument_parser, bestfit_batches, float_flag, int_flag, compute_cleanup, compute_init, due,
                     evaluate_bpb, evaluate_core, format_duration, gather_states, get_peak_flops, get_token_bytes,
-                    get_tokenizer, log_metrics, print0, report_section, resume_run, run_meta, sample_prompts, save_checkpoint,
+                    get_tokenizer, log_metrics, print0, repair_shards, report_section, resume_run, run_meta, sample_prompts, save_checkpoint,
                     set_schedule, split_files, start_run)
 
 B_REF = 2 ** 19  # tokens per step of the reference model (d12) from which batch size, LR and WD transfer
@@ -225,8 +225,8 @@ def main(argv=None):
         except ValueError as e:
             raise NanochatError(str(e)) from None
     tokenizer = get_tokenizer()
-    for split in ("train", "val"):  # fail now, not after building the model, if data is missing
-        split_files(split)
+    for split in ("train", "val"):  # fail now, not after building the model, if data is missing or corrupt
+        repair_shards(split_files(split))
     token_bytes = get_token_bytes(device)
     config = model_config(args, args.depth, tokenizer.get_vocab_size())
     ref_config = model_config(args, 12, tokenizer.get_vocab_size())

@@ -14,7 +14,7 @@ import common
 @pytest.fixture
 def flaky_server(shared_data):
     """Serve shard_00012 through a scripted handler: `behaviours` is a list consumed one per GET
-    ('500', 'cut', '404', 'slow', 'ok'; 'ok' once the list is empty). Yields (url, state)."""
+    ('500', 'cut', '404', 'slow', 'garbage', 'ok'; 'ok' once the list is empty). Yields (url, state)."""
     data = (shared_data / "pretrain" / "shard_00012.parquet").read_bytes()
     state = {"behaviours": [], "gets": 0, "data": data}
     lock = threading.Lock()
@@ -33,6 +33,9 @@ def flaky_server(shared_data):
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))  # for 'cut' this is a lie
             self.end_headers()
+            if behaviour == "garbage":  # the right length, bytes mangled on the way
+                self.wfile.write(bytes(len(data)))
+                return
             if behaviour == "cut":
                 self.wfile.write(data[: len(data) // 3])
                 self.close_connection = True
@@ -70,6 +73,29 @@ def test_retries_until_success(flaky_server, base_dir, behaviours):
     assert state["gets"] == len(behaviours) + 1
     assert open(dest, "rb").read() == state["data"]
     assert leftovers(base_dir) == []
+
+
+def test_a_download_that_is_not_parquet_is_fetched_again(flaky_server, base_dir):
+    """Checked before it takes its name: a body of the right length that is not a parquet file is retried."""
+    url, state = flaky_server
+    state["behaviours"] = ["garbage"]
+    dest = common.download_file(url, str(base_dir / "shard.parquet"), backoff=0)
+    assert state["gets"] == 2 and open(dest, "rb").read() == state["data"] and leftovers(base_dir) == []
+    state["behaviours"] = ["garbage"] * 2
+    with pytest.raises(common.NanochatError, match="not a readable parquet file"):
+        common.download_file(url, str(base_dir / "other.parquet"), attempts=2, backoff=0)
+    assert not (base_dir / "other.parquet").exists() and leftovers(base_dir) == []
+
+
+@pytest.mark.parametrize("corruption", ["empty", "truncated", "garbage"])
+def test_a_corrupt_file_already_there_is_fetched_again(flaky_server, base_dir, corruption):
+    url, state = flaky_server
+    dest = base_dir / "shard.parquet"
+    dest.write_bytes({"empty": b"", "truncated": state["data"][:-1000], "garbage": b"x" * 5000}[corruption])
+    assert common.download_file(url, str(dest), backoff=0) == str(dest)
+    assert state["gets"] == 1 and dest.read_bytes() == state["data"]
+    common.download_file(url, str(dest), backoff=0)  # now sound: not fetched again
+    assert state["gets"] == 1
 
 
 def test_gives_up_with_clear_error(flaky_server, base_dir):
