@@ -9,15 +9,14 @@ downloaded as needed from the hub, or from $NANOCHAT_MIRROR (a URL or a director
 shared/data). Writes <base>/tokenizer/tokenizer.json and token_bytes.pt ($NANOCHAT_BASE_DIR,
 default ~/.cache/nanochat).
 """
-import argparse
 import inspect
 import os
 import time
 
 import pyarrow.parquet as pq
 
-from common import (Tokenizer, download_shard, download_shards, get_base_dir, num_source_shards, print0,
-                    report_section, shard_path)
+from common import (Tokenizer, argument_parser, download_shard, download_shards, get_base_dir, int_flag,
+                    num_source_shards, print0, report_section, shard_path)
 
 PROSE = """The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps out of
 habit: one hundred and twelve. From the gallery he could see the fishing boats returning, their lamps
@@ -74,12 +73,12 @@ def compression_table(tokenizer, texts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=32768, help="including the 9 special tokens")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of text to train on")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="cut each document to this many characters")
-    parser.add_argument("--prefetch-shards", type=int, default=0,
-                        help="download this many training shards in the background while training (-1: all)")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--vocab-size", type=int_flag(256 + 9), default=32768, help="including the 9 special tokens")
+    parser.add_argument("--max-chars", type=int_flag(1), default=2_000_000_000, help="characters of text to train on")
+    parser.add_argument("--doc-cap", type=int_flag(1), default=10_000, help="cut each document to this many characters")
+    parser.add_argument("--prefetch-shards", type=int_flag(0, never=True), default=0,
+                        help="download this many training shards in the background while training (-1 = all)")
     args = parser.parse_args()
 
     # the validation shard (the source's last) is fetched first: the table below uses it, and the

@@ -134,6 +134,11 @@ def test_offline_without_mirror_fails_within_seconds_naming_the_fix(base_dir, tm
     assert len(errors) == 1 and "NANOCHAT_MIRROR=" in errors[0] and "download" in errors[0], result.stderr
     assert "preset micro" in result.stdout  # the preset is printed before anything else happens
     assert not list((base_dir / "speedrun").glob("*.done"))
+    # no stage ran, so the folder is not tied to micro: another preset is not refused (it too fails offline)
+    assert not (base_dir / "speedrun" / "config").exists() and not (base_dir / "speedrun" / "started").exists()
+    result = run_speedrun(tmp_path, 60, PRESET="cpu", https_proxy=proxy, HTTPS_PROXY=proxy, no_proxy="", NO_PROXY="")
+    assert result.returncode == 1 and "preset cpu" in result.stdout
+    assert "holds a run" not in result.stderr and "NANOCHAT_MIRROR=" in result.stderr, result.stderr
 
 
 def test_failing_stage_stops_the_run_with_its_name_and_log(base_dir, tmp_path):
