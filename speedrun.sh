@@ -80,7 +80,7 @@ case "$PRESET" in
     PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20
       --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
-    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every 0 --mmlu-epochs 0"
+    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0"
     RL="--num-iterations 2 --examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16
       --eval-every 2 --eval-examples 2"
     CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;

@@ -3,7 +3,8 @@
 - the test summary names how many tests skipped for want of the sample data and how to supply it;
 - `--help` of every script gives every flag a help text and shows its default; a short flag means one thing;
 - a stage run before its parent fails with the parent's one-line message and downloads nothing;
-- serve.py on a taken port fails at once, before loading any model.
+- serve.py on a taken port fails at once, before loading any model;
+- progress lines share one ETA format and write carriage returns only to a terminal.
 """
 import json
 import os
@@ -13,9 +14,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+import common
 from conftest import serve_directory
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -164,3 +167,38 @@ def test_serve_on_a_taken_port_fails_at_once_before_loading_a_model(base_dir):
     assert result.returncode == 1
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "--port" in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# progress: one format (`eta 1m05s`, common.format_duration) and carriage returns only on a terminal
+# ---------------------------------------------------------------------------------------------
+
+def test_download_progress_uses_the_one_eta_format():
+    line = common.progress_line("shard_00000.parquet", 25e6, 100e6, time.time() - 10)  # 2.5 MB/s, 75 MB to go
+    assert line.startswith("shard_00000.parquet  25.0/100.0 MB  2.5 MB/s")
+    assert re.search(r"\| eta (\d+s|\d+m\d\ds)$", line) and "ETA" not in line
+    assert line.endswith(f"eta {common.format_duration(30)}")
+
+
+def test_progress_writes_carriage_returns_only_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(common, "_last_progress", [0.0])
+    for done in range(1, 5):
+        common.report_progress("ARC-Easy", done, done, 4, 1, time.time())
+    logged = capsys.readouterr().out
+    assert "\r" not in logged and logged.splitlines() == ["ARC-Easy: 1/4 (100.0%) | eta 0s",
+                                                          "ARC-Easy: 4/4 (100.0%) | eta 0s"]  # first, then final
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    common.report_progress("ARC-Easy", 2, 1, 4, 1, time.time())
+    assert capsys.readouterr().out == "\rARC-Easy: 2/4 (50.0%) | eta 0s"
+
+
+def test_core_says_task_k_of_n_and_an_overall_eta(tmp_path, capsys):
+    from test_core_eval import NextByteModel, make_bundle
+    tokenizer = common.Tokenizer.train(iter(["abc"]), 256 + 9)
+    make_bundle(tmp_path, [{"query": "ab", "choices": ["cde", "zzz"], "gold": 0}] * 3)
+    (tmp_path / "eval_data" / "mc" / "gone.jsonl").write_text(json.dumps({"query": "a", "choices": ["b", "z"],
+                                                                          "gold": 0}) + "\n")
+    common.evaluate_core(NextByteModel(tokenizer.get_vocab_size()), tokenizer, bundle=str(tmp_path))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CORE task")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
+    assert all(re.search(r"\| eta (\d+s|\d+m\d\ds)$", line) for line in lines) and lines[-1].endswith("eta 0s")
