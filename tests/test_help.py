@@ -49,29 +49,36 @@ def test_summary_counts_the_skips_for_want_of_samples_and_names_the_fix(tmp_path
 # --help: every flag has a help text and shows its default
 # ---------------------------------------------------------------------------------------------
 
-# Runs a script's own `if __name__ == "__main__"` with --help, but dumps its parser's flags and help text.
-DUMP_PARSER = """
+# Runs each script's own `if __name__ == "__main__"` with --help, but dumps its parser's flags and help text
+# (one process for all: each would otherwise pay for importing torch).
+DUMP_PARSERS = """
 import argparse, json, runpy, sys
+class Parsed(Exception):
+    pass
 def dump(parser, *args, **kwargs):
     flags = [{"options": a.option_strings, "default": repr(a.default), "has_default": a.default is not None and
               a.default is not argparse.SUPPRESS, "help": a.help} for a in parser._actions if a.option_strings]
-    print(json.dumps({"flags": flags, "help": parser.format_help()}))
-    sys.exit(0)
+    raise Parsed({"flags": flags, "help": parser.format_help()})
 argparse.ArgumentParser.parse_args = dump
-sys.argv = [sys.argv[1], "--help"]
-runpy.run_path(sys.argv[0], run_name="__main__")
+found = {}
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except Parsed as e:
+        found[script.rsplit("/", 1)[-1]] = e.args[0]
+print(json.dumps(found))
 """
 
 
 @pytest.fixture(scope="module")
 def parsers():
-    """{script: {"flags": [...], "help": text}} of every script, each parsed in its own process."""
-    found = {}
-    for script in SCRIPTS:
-        result = subprocess.run([sys.executable, "-c", DUMP_PARSER, str(ROOT / script)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
-        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
-        found[script] = json.loads(result.stdout.strip().splitlines()[-1])
+    """{script: {"flags": [...], "help": text}} of every script."""
+    result = subprocess.run([sys.executable, "-c", DUMP_PARSERS, *[str(ROOT / s) for s in SCRIPTS]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(found) == sorted(SCRIPTS), f"a script never parsed its flags: {sorted(found)}"
     return found
 
 
