@@ -29,7 +29,8 @@ def sample_base_model(model, tokenizer, num_unconditional=8):
 
 def core_table(core):
     """CORE per task for the report card, saying what the centered score is."""
-    rows = [f"| {label} | {acc:.4f} | {core['centered_results'][label]:+.4f} |" for label, acc in core["results"].items()]
+    rows = [f"| {label} | {acc:.4f} | {core['centered_results'][label]:+.4f} |"
+            for label, acc in core["results"].items()]
     return "\n".join(["CORE per task; centered = (accuracy - random baseline) / (1 - random baseline): "
                       "0 is chance, 1 is perfect, and CORE is the mean of the centered scores.", "",
                       "| task | accuracy | centered |", "|---|---|---|", *rows])

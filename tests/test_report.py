@@ -171,7 +171,8 @@ def test_report_shows_no_none_and_rounds_figures(base_dir):
 
 def test_core_per_task_scores_are_said_to_be_centered():
     import evaluate
-    core = {"results": {"hellaswag": 0.30, "arc_easy": 0.50}, "centered_results": {"hellaswag": 0.0667, "arc_easy": 0.3333},
+    core = {"results": {"hellaswag": 0.30, "arc_easy": 0.50},
+            "centered_results": {"hellaswag": 0.0667, "arc_easy": 0.3333},
             "core_metric": 0.2, "missing": [], "partial": False}
     table = evaluate.core_table(core)
     assert "centered = (accuracy - random baseline) / (1 - random baseline)" in table
