@@ -348,13 +348,13 @@ def file_lock(path):
 
 
 def progress_line(desc, done, total, t0):
-    """'desc  12.3/45.6 MB  3.1 MB/s  ETA 0:11' (total may be None when the server sends no length)."""
+    """'desc  12.3/45.6 MB  3.1 MB/s | eta 11s' (total may be None when the server sends no length)."""
     elapsed = max(time.time() - t0, 1e-6)
     rate = done / elapsed
     if not total:
         return f"{desc}  {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
     eta = (total - done) / rate if rate > 0 else 0
-    return f"{desc}  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return f"{desc}  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s | eta {format_duration(eta)}"
 
 
 class RetryableError(Exception):
@@ -584,7 +584,7 @@ def download_shards(num_train_shards, num_workers=4, background=False):
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             done_bytes += os.path.getsize(future.result())
             eta = (time.time() - t0) / n * (len(todo) - n)
-            print_progress(f"shards {n}/{len(todo)}  {done_bytes / 1e6:.0f} MB  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+            print_progress(f"shards {n}/{len(todo)}  {done_bytes / 1e6:.0f} MB | eta {format_duration(eta)}",
                            final=n == len(todo))
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, do not start the thousands still queued
@@ -2449,8 +2449,8 @@ def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_
         tasks = parse_core_yaml(f.read())
     with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    results, centered, missing = {}, {}, []
-    for task in tasks:
+    results, centered, missing, todo = {}, {}, [], []
+    for task in tasks:  # read every task first: the overall ETA counts the examples still to score
         label, path = task["label"], os.path.join(bundle, "eval_data", task["dataset_uri"])
         if not os.path.exists(path):
             print0(f"CORE: skipping {label}, data file missing: {path}")
@@ -2459,13 +2459,17 @@ def evaluate_core(model, tokenizer, max_per_task=-1, bundle=None, rank=0, world_
         with open(path) as f:
             data = [json.loads(line) for line in f if line.strip()]
         random.Random(1337).shuffle(data)
-        data = data[:max_per_task] if max_per_task > 0 else data
-        t0 = time.time()
+        todo.append((task, data[:max_per_task] if max_per_task > 0 else data))
+    total, done, t_start = sum(len(data) for _, data in todo), 0, time.time()
+    for k, (task, data) in enumerate(todo, 1):
+        label, t0 = task["label"], time.time()
         results[label] = evaluate_core_task(model, tokenizer, data, task, rank, world_size)
         baseline = 0.01 * baselines[label]
         centered[label] = (results[label] - baseline) / (1.0 - baseline)
-        print0(f"{label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
-               f"({len(data)} examples, {time.time() - t0:.1f}s)")
+        done += len(data)
+        eta = (time.time() - t_start) / max(done, 1) * (total - done)
+        print0(f"CORE task {k}/{len(todo)} {label:<35} accuracy {results[label]:.4f}  centered {centered[label]:+.4f}  "
+               f"({len(data)} examples, {format_duration(time.time() - t0)}) | eta {format_duration(eta)}")
     core = sum(centered.values()) / len(centered) if centered else float("nan")
     return {"results": results, "centered_results": centered, "core_metric": core,
             "missing": missing, "partial": bool(missing)}
@@ -2605,7 +2609,12 @@ REPORT_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-traini
 SUMMARY_METRICS = ["val bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval",
                    "SpellingBee", "ChatCORE", "pass@1", "pass@8"]
 GPU_HOURLY_USD = [("H100", 3.00), ("A100", 1.79)]   # per GPU-hour, rough cloud prices; others $2
-CURVE_KEYS = [("loss", "#1f77b4"), ("val_bpb", "#d62728"), ("reward", "#2ca02c")]
+# metrics.jsonl key -> (panel title, y-axis label with its unit, colour)
+CURVE_KEYS = {"loss": ("train loss", "nats per token", "#1f77b4"), "val_bpb": ("val bpb", "bits per byte", "#d62728"),
+              "reward": ("reward", "mean over samples", "#2ca02c")}
+# every stage logs a row at step s about the model after s updates, so the curves of one run line up
+STEP_CONVENTION = ("step s = the model after s updates; the train loss and reward at s are those of the update "
+                   "from s to s+1, so they end one step before the last val bpb")
 
 
 def report_dir():
@@ -2620,8 +2629,17 @@ def write_text_atomic(path, text):
 
 
 def format_value(value):
-    if isinstance(value, float):
-        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
+    """A figure as the report shows it: '-' for none, 4 decimals for scores and losses, whole numbers with
+    thousands separators from 1,000 up (3035.5389 -> 3,036), and tiny values in scientific notation."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isfinite(value):
+        magnitude = abs(value)
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude >= 100:
+            return f"{value:.1f}"
+        return f"{value:.4f}" if value == 0 or magnitude >= 1e-3 else f"{value:.2e}"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
         return f"{value:,}"
     return str(value)
@@ -2673,43 +2691,63 @@ def metrics_label(path, base_dir):
     return f"{stage} {tag}".strip()
 
 
+def round_ticks(lo, hi, count=6, integer=False):
+    """About `count` round tick values (steps of 1, 2 or 5 x 10^k) that cover [lo, hi] -> (ticks, decimals)."""
+    if hi <= lo:  # a single value: a small range around it
+        hi = lo + max(abs(lo) * 0.1, 1e-6)
+    raw = (hi - lo) / (count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    step = max(step, 1) if integer else step
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return [round(k * step, decimals) for k in range(first, max(last, first + 1) + 1)], decimals
+
+
 def curves_svg(runs):
-    """A self-contained SVG line chart: one panel per (run, quantity) vs step. runs: [(label, rows)]."""
-    width, height, left, right, top, bottom, ncols = 380, 230, 56, 14, 28, 34, 2
+    """A self-contained SVG line chart: one panel per (run, quantity) vs step, round ticks, labelled axes.
+    runs: [(label, rows)]."""
+    width, height, left, right, top, bottom, ncols = 380, 230, 70, 14, 28, 34, 2
     panels = []
     for label, rows in runs:
-        for key, color in CURVE_KEYS:
+        for key, (title, unit, color) in CURVE_KEYS.items():
             points = [(float(r["step"]), float(r[key])) for r in rows
                       if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if points:
-                panels.append((f"{label}: {key}", points, color))
+                panels.append((f"{label}: {title}", unit, points, color))
     nrows = max(1, math.ceil(len(panels) / ncols))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * ncols}" height="{height * nrows}" '
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * ncols}" height="{height * nrows + 20}" '
            f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
     if not panels:
         out.append('<text x="20" y="30">no metrics.jsonl found</text>')
-    for i, (title, points, color) in enumerate(panels):
+    for i, (title, unit, points, color) in enumerate(panels):
         x0, y0 = (i % ncols) * width, (i // ncols) * height
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        ylo, yhi = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+        xticks, _ = round_ticks(min(xs), max(xs), integer=True)
+        yticks, decimals = round_ticks(min(ys), max(ys))
+        xlo, xhi, ylo, yhi = xticks[0], xticks[-1], yticks[0], yticks[-1]
         plot_w, plot_h = width - left - right, height - top - bottom
         def sx(x): return x0 + left + (x - xlo) / (xhi - xlo) * plot_w
         def sy(y): return y0 + top + (yhi - y) / (yhi - ylo) * plot_h
         out.append(f'<text x="{x0 + left}" y="{y0 + 16}" font-weight="bold">{html.escape(title)}</text>')
         out.append(f'<path d="M{x0 + left},{y0 + top}V{y0 + top + plot_h}H{x0 + left + plot_w}" '
                    f'fill="none" stroke="#444"/>')
-        for t in range(5):  # ticks and grid
-            yv, xv = ylo + (yhi - ylo) * t / 4, xlo + (xhi - xlo) * t / 4
+        for yv in yticks:  # grid lines and labels
             out.append(f'<line x1="{x0 + left}" x2="{x0 + left + plot_w}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" '
                        f'stroke="#eee"/><text x="{x0 + left - 4}" y="{sy(yv) + 4:.1f}" '
-                       f'text-anchor="end">{yv:.3g}</text>')
-            out.append(f'<text x="{sx(xv):.1f}" y="{y0 + top + plot_h + 14}" text-anchor="middle">{xv:.0f}</text>')
+                       f'text-anchor="end" class="ytick">{yv:.{decimals}f}</text>')
+        for xv in xticks:
+            out.append(f'<text x="{sx(xv):.1f}" y="{y0 + top + plot_h + 14}" text-anchor="middle" '
+                       f'class="xtick">{xv:.0f}</text>')
         out.append(f'<text x="{x0 + left + plot_w / 2}" y="{y0 + height - 4}" text-anchor="middle">step</text>')
+        ymid = y0 + top + plot_h / 2
+        out.append(f'<text x="{x0 + 14}" y="{ymid:.1f}" text-anchor="middle" transform="rotate(-90 {x0 + 14} '
+                   f'{ymid:.1f})" class="ylabel">{html.escape(unit)}</text>')
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         if len(points) <= 50:  # sparse series (val bpb) get dots so single points show
             out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points]
+    out.append(f'<text x="10" y="{height * nrows + 12}" fill="#555">{html.escape(STEP_CONVENTION)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -2796,8 +2834,8 @@ def generate_report(copy_to="."):
              "## Summary", "", summary_table(sections), ""]
     if times:
         lines += ["## Wall time per stage", "", "| stage | wall time |", "|---|---|"]
-        lines += [f"| {stage} | {int(seconds) // 60}:{int(seconds) % 60:02d} |" for stage, seconds in times] + [""]
-    lines += ["## Curves", "", "![train loss and val bpb per stage](report_curves.svg)", ""]
+        lines += [f"| {stage} | {format_duration(seconds)} |" for stage, seconds in times] + [""]
+    lines += ["## Curves", "", "![train loss and val bpb per stage](report_curves.svg)", "", STEP_CONVENTION + ".", ""]
     for slug in slugs:
         with open(os.path.join(out_dir, slug + ".md"), encoding="utf-8") as f:
             lines += [f.read().strip(), ""]

@@ -27,6 +27,15 @@ def sample_base_model(model, tokenizer, num_unconditional=8):
         print0("-" * 40 + "\n" + tokenizer.decode(list(model.generate([bos], 128, temperature=1.0, seed=seed))))
 
 
+def core_table(core):
+    """CORE per task for the report card, saying what the centered score is."""
+    rows = [f"| {label} | {acc:.4f} | {core['centered_results'][label]:+.4f} |"
+            for label, acc in core["results"].items()]
+    return "\n".join(["CORE per task; centered = (accuracy - random baseline) / (1 - random baseline): "
+                      "0 is chance, 1 is perfect, and CORE is the mean of the centered scores.", "",
+                      "| task | accuracy | centered |", "|---|---|---|", *rows])
+
+
 def run_base_eval(args):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -59,11 +68,10 @@ def run_base_eval(args):
             csv_path = os.path.join(out_dir, f"base_model_{step:06d}.csv")
             write_core_csv(csv_path, core)
             print0(f"wrote {csv_path}")
-        figures.update({"CORE": core["core_metric"], "CORE tasks": f"{len(core['results'])}{note}"},
-                       **core["centered_results"])
+        figures.update({"CORE": core["core_metric"], "CORE tasks": f"{len(core['results'])}{note}"})
     if "sample" in evals and rank == 0:
         sample_base_model(model, tokenizer)
-    report_section("Base model evaluation", figures, column="BASE")
+    report_section("Base model evaluation", [figures] + ([core_table(core)] if "core" in evals else []), column="BASE")
     compute_cleanup()
 
 

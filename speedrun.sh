@@ -27,12 +27,18 @@ say() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
 USE_VENV=0
 if [ -z "${VIRTUAL_ENV:-}" ] && [ "${NO_VENV:-0}" != 1 ]; then
   USE_VENV=1
-  [ -x "$HERE/.venv/bin/python" ] || python3 -m venv "$HERE/.venv"
+  if [ ! -x "$HERE/.venv/bin/python" ]; then
+    say "creating $HERE/.venv (set NO_VENV=1 to use the current python instead)"
+    python3 -m venv "$HERE/.venv"
+  fi
   source "$HERE/.venv/bin/activate"
   # on GPU machines set TORCH_INDEX_URL to the CUDA wheel index that matches your driver (see README)
   if ! cmp -s "$HERE/requirements.txt" "$HERE/.venv/requirements.installed"; then
+    t0=$SECONDS
+    say "installing requirements.txt into .venv (a minute on CPU; a CUDA torch is ~2 GB and takes longer)..."
     pip install -q -r "$HERE/requirements.txt" ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
     cp "$HERE/requirements.txt" "$HERE/.venv/requirements.installed"
+    say "installed in $(( SECONDS - t0 )) s"
   fi
 fi
 PY="${PYTHON:-python3}"
@@ -88,14 +94,15 @@ if [ -f "$SR/config" ] && [ "$(cat "$SR/config")" != "$CONFIG" ]; then
   echo "speedrun: $SR holds a run with '$(cat "$SR/config")'; rerun with those settings or remove $SR to start over" >&2
   exit 1
 fi
-echo "$CONFIG" > "$SR/config"
-[ -f "$SR/started" ] || date "+%Y-%m-%d %H:%M:%S" > "$SR/started"
 
 # run_stage NAME COMMAND...: skip if stamped, else run it with its output tee'd to NAME.log and stamp it
-# with its wall time in seconds; stop the whole run at the first failure.
+# with its wall time in seconds; stop the whole run at the first failure. The folder is tied to this
+# preset only once a stage has started: a start that failed before (offline, say) leaves no lock behind.
 run_stage() {
   local name="$1" t0=$SECONDS; shift
   if [ -f "$SR/$name.done" ]; then say "$name: done earlier, skipping"; return 0; fi
+  echo "$CONFIG" > "$SR/config"
+  [ -f "$SR/started" ] || date "+%Y-%m-%d %H:%M:%S" > "$SR/started"
   say "$name: $*"
   if ! "$@" 2>&1 | tee "$SR/$name.log"; then
     echo "speedrun: stage '$name' failed; log: $SR/$name.log (re-run to resume from this stage)" >&2

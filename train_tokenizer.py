@@ -79,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--max-chars", type=int_flag(1), default=2_000_000_000, help="characters of text to train on")
     parser.add_argument("--doc-cap", type=int_flag(1), default=10_000, help="cut each document to this many characters")
     parser.add_argument("--prefetch-shards", type=int_flag(0, never=True), default=0,
-                        help="download this many training shards in the background while training (-1: all)")
+                        help="download this many training shards in the background while training (-1 = all)")
     args = parser.parse_args(argv)
     tokenizer_dir = make_dir(os.path.join(get_base_dir(), "tokenizer"), writable=True)  # before hours of training
 

@@ -4,6 +4,7 @@
   tests that need them are skipped with a message when they are absent (a user's clone has none).
 - `http_mirror`: a real http.server on 127.0.0.1 serving those samples, laid out like a mirror.
 - `base_dir`: a fresh NANOCHAT_BASE_DIR per test, so nothing touches ~/.cache/nanochat.
+The summary ends with one line saying how many tests skipped for want of the samples and how to supply them.
 """
 import functools
 import http.server
@@ -27,12 +28,26 @@ def find_shared_data():
     return None
 
 
+NO_SAMPLES = "real data samples not found"
+SAMPLES_HINT = "set NANOCHAT_TEST_DATA=<a folder laid out like shared/data> or place shared/data beside the checkout"
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     path = find_shared_data()
     if path is None:
-        pytest.skip("real data samples not found: set NANOCHAT_TEST_DATA or place shared/data beside the checkout")
+        pytest.skip(f"{NO_SAMPLES}: {SAMPLES_HINT}")
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips are otherwise silent without -rs: say in one line how many lacked the samples and the fix."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    missing = sum(1 for report in skipped if NO_SAMPLES in str(report.longrepr))
+    if missing:
+        terminalreporter.write_line(f"{missing} tests skipped for want of the real data samples: {SAMPLES_HINT} "
+                                    "(README: Tests)",
+                                    yellow=True, bold=True)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
