@@ -73,14 +73,17 @@ FA3 = _load_flash_attention_3()
 USE_FA3 = FA3 is not None and COMPUTE_DTYPE == torch.bfloat16
 
 
-def attention(q, k, v, window, impl=None):
+def attention(q, k, v, window, impl=None, lengths=None):
     """Causal attention of q (B, Tq, H, hd) over k, v (B, Tk, Hkv, hd); the queries are the last Tq of the Tk
     positions. A query sees the keys at most `window` positions back (window >= Tk-1: the whole prefix).
     Returns (B, Tq, H, hd). impl: None (automatic), "fa3", "flex" (windowed layers through FlexAttention; chosen
-    on CUDA without FA3 when training) or "sdpa"."""
+    on CUDA without FA3 when training) or "sdpa". lengths (B,): rows at different positions (decoding, Tq 1):
+    row b's query is its position lengths[b]-1 and sees only its first lengths[b] keys."""
     impl = impl or ("fa3" if USE_FA3 else "flex" if FLEX_ON_CUDA and q.is_cuda and q.requires_grad else "sdpa")
     Tq, Tk = q.size(1), k.size(1)
     full = window >= Tk - 1
+    if lengths is not None:
+        return _ragged_decode_attention(q, k, v, window, impl, lengths)
     if impl == "fa3":
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(-1 if full else window, 0))
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
@@ -101,6 +104,18 @@ def attention(q, k, v, window, impl=None):
         cols = torch.arange(Tk, device=q.device)[None, :]
         mask = (cols <= rows) & (rows - cols <= window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _ragged_decode_attention(q, k, v, window, impl, lengths):
+    """One query per row, rows at different positions: FA3 takes per-row cache lengths, SDPA a (B, 1, 1, Tk) mask."""
+    if impl == "fa3":
+        out = FA3.flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths.int(), causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
+    cols = torch.arange(k.size(1), device=q.device)[None, :]
+    mask = (cols < lengths[:, None]) & (cols >= lengths[:, None] - 1 - window)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 
@@ -216,13 +231,23 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm, then a slightly sharper softmax than 1/sqrt(hd)
+        lengths = None
         if kv_cache is not None:  # write this chunk into the cache, attend over everything cached so far
-            pos = kv_cache.pos
-            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
-            k_cache[:, pos:pos + T] = k
-            v_cache[:, pos:pos + T] = v
-            k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
-        y = attention(q, k, v, window)
+            pos, positions = kv_cache.pos, kv_cache.positions
+            k_cache, v_cache = (c[:B] for c in kv_cache.get_layer_cache(self.layer_idx))  # the cache may hold spare rows
+            if positions is None:
+                k_cache[:, pos:pos + T] = k
+                v_cache[:, pos:pos + T] = v
+            else:  # rows at different positions (T is 1): each row writes at its own
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, positions] = k[:, 0]
+                v_cache[rows, positions] = v[:, 0]
+                lengths = positions + 1
+            if positions is not None and USE_FA3:
+                k, v = k_cache, v_cache  # FA3 reads the cache whole, up to each row's length
+            else:
+                k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
+        y = attention(q, k, v, window, lengths=lengths)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -379,7 +404,11 @@ class GPT(nn.Module):
                              f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
         if kv_cache is not None and pos + T > kv_cache.k_cache.size(2):
             raise ValueError(f"the KV cache holds {kv_cache.k_cache.size(2)} positions, {pos + T} needed")
-        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        if kv_cache is not None and kv_cache.set_positions(B, T) is not None:  # rows at different positions
+            positions = kv_cache.positions
+            cos, sin = self.cos[0, positions].unsqueeze(1), self.sin[0, positions].unsqueeze(1)  # (B, 1, 1, hd)
+        else:
+            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)
         x0, x_backout, L = x, None, self.config.n_layer
@@ -392,6 +421,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
+        if isinstance(self.lm_head, DecodeLinear):  # decode weights: quantized with the padding cropped
+            return softcap(self.lm_head(x).float())
         weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
         if targets is None:
             return softcap(F.linear(x, weight.to(x.dtype)).float())
@@ -404,6 +435,11 @@ class GPT(nn.Module):
         """Add to each position a gated share of the previous position's (pre-smear) embedding.
         With a KV cache, the last embedding of the previous chunk is kept in the cache for the next one."""
         prev = kv_cache.prev_embedding if kv_cache is not None else None
+        if prev is not None and prev.size(0) > x.size(0):  # a batch with spare rows: keep its row slots
+            shifted = torch.cat([prev[:x.size(0)].to(x.dtype), x[:, :-1]], dim=1)
+            prev[:x.size(0)] = x[:, -1:]
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
+            return x + gate * shifted
         if kv_cache is not None:
             kv_cache.prev_embedding = x[:, -1:].clone()
         if prev is not None:
@@ -430,6 +466,57 @@ class GPT(nn.Module):
             next_id = sample_next_token(self.forward(ids)[:, -1, :], rng, temperature, top_k)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             yield next_id.item()
+
+
+class DecodeLinear(Linear):
+    """A Linear for inference with lower-precision weights: "bf16" (weights in bfloat16) or "int8" (weight-only
+    int8, one scale per output channel, multiplied by torch's int8 weight-only kernel on bf16 activations).
+    Decoding reads every weight once per step, so fewer bytes per weight is what makes it faster."""
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        if self.scales is None:
+            y = F.linear(rows, self.qweight)
+        else:
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)
+        return y.view(*x.shape[:-1], y.size(-1)).to(x.dtype)
+
+
+DECODE_DTYPES = ("auto", "fp32", "bf16", "int8")
+
+
+def default_decode_dtype(device):
+    """int8 on the CPU, where it measured ~2x the fp32 decode speed (bench.py decode); on GPUs the compute dtype
+    (bf16 from capability 8.0): torch's int8 weight-only kernel there is not tuned for decoding."""
+    return "int8" if torch.device(device).type == "cpu" else "bf16" if COMPUTE_DTYPE == torch.bfloat16 else "fp32"
+
+
+@torch.no_grad()
+def set_decode_dtype(gpt, dtype="auto"):
+    """Store gpt's matrices (blocks and lm_head, cropped to the vocab) for inference in `dtype` (DECODE_DTYPES):
+    the model can no longer train. "fp32" leaves it as it is (on GPUs casts it to the compute dtype once).
+    Returns the dtype chosen. Costs: greedy tokens may change where the top two logits nearly tie; bench.py
+    decode prints the bpb it costs."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"decode dtype {dtype!r} is not one of {', '.join(DECODE_DTYPES)}")
+    dtype = default_decode_dtype(gpt.get_device()) if dtype == "auto" else dtype
+    if dtype == "fp32":
+        if COMPUTE_DTYPE != torch.float32:  # cast once, not in every matmul
+            gpt.to(COMPUTE_DTYPE)
+        return dtype
+    layers = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear)] + [gpt.lm_head]
+    for m in layers:
+        weight = m.weight[:gpt.config.vocab_size] if m is gpt.lm_head else m.weight
+        del m.weight
+        if dtype == "int8":
+            scales = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+            m.register_buffer("qweight", (weight.float() / scales[:, None]).round().to(torch.int8))
+            m.register_buffer("scales", scales.to(torch.bfloat16))
+        else:
+            m.register_buffer("qweight", weight.to(torch.bfloat16))
+            m.scales = None
+        m.__class__ = DecodeLinear
+    return dtype
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
@@ -560,19 +647,36 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Keys and values of every layer, laid out (layers, batch, time, kv_heads, head_dim), plus the smear state."""
+    """Keys and values of every layer, laid out (layers, batch, time, kv_heads, head_dim), plus the smear state.
+    A forward of B rows uses the first B; they may sit at different positions (continuous batching: see
+    set_row, move_row), each row's length in cache_seqlens and, on the host, in lengths."""
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.pos = 0  # same as cache_seqlens[0], kept on the host to avoid a device sync per layer
+        self.lengths = [0] * batch_size  # cache_seqlens on the host: no device sync per step
+        self.pos = 0  # the longest of the rows in use, where a forward of equal-length rows writes
+        self.positions = None  # (B,) long, during a forward of rows at different positions
         self.prev_embedding = None  # (batch, 1, n_embd): normalized embedding of the last token seen
 
     def reset(self):
         self.cache_seqlens.zero_()
+        self.lengths = [0] * len(self.lengths)
         self.pos = 0
         self.prev_embedding = None
+
+    def set_positions(self, B, T):
+        """Before a forward of the first B rows: their positions as a tensor when they differ (T must be 1), else
+        None, the fast path of equal lengths, which is also every training and single-prompt forward."""
+        lengths = self.lengths[:B]
+        if min(lengths) == max(lengths):
+            self.positions = None
+        elif T != 1:
+            raise ValueError(f"rows at different positions decode one token at a time, got {T}")
+        else:
+            self.positions = self.cache_seqlens[:B].long()
+        return self.positions
 
     def get_pos(self):
         return self.pos
@@ -582,6 +686,7 @@ class KVCache:
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        self.lengths = [n + num_tokens for n in self.lengths]
         self.pos += num_tokens
 
     def prefill(self, other):
@@ -594,6 +699,7 @@ class KVCache:
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
         self.cache_seqlens.fill_(n)
+        self.lengths = [n] * len(self.lengths)
         self.pos = n
         prev = other.prev_embedding
         self.prev_embedding = None if prev is None else prev.expand(self.k_cache.size(1), -1, -1).clone()
@@ -603,8 +709,38 @@ class KVCache:
         self.k_cache = self.k_cache.index_select(1, rows)
         self.v_cache = self.v_cache.index_select(1, rows)
         self.cache_seqlens = self.cache_seqlens.index_select(0, rows)
+        self.lengths = [self.lengths[i] for i in rows.tolist()]
         if self.prev_embedding is not None:
             self.prev_embedding = self.prev_embedding.index_select(0, rows)
+
+    def set_row(self, row, other, rows_in_use):
+        """Put a batch-1 cache's filled prefix (a prefilled prompt) into `row`, next to rows at other positions;
+        rows_in_use: how many rows the next forward runs (row included)."""
+        n = other.pos
+        if n > self.k_cache.size(2):
+            raise ValueError(f"prefix of {n} tokens does not fit a cache of {self.k_cache.size(2)}")
+        self.k_cache[:, row, :n] = other.k_cache[:, 0, :n]
+        self.v_cache[:, row, :n] = other.v_cache[:, 0, :n]
+        self.cache_seqlens[row] = n
+        self.lengths[row] = n
+        if self.prev_embedding is None:
+            self.prev_embedding = other.prev_embedding.new_zeros((self.k_cache.size(1), *other.prev_embedding.shape[1:]))
+        self.prev_embedding[row] = other.prev_embedding[0]
+        self.use_rows(rows_in_use)
+
+    def move_row(self, src, dst, rows_in_use):
+        """Row src takes the place of row dst (which is freed): keeps the rows in use at the front."""
+        n = self.lengths[src]
+        self.k_cache[:, dst, :n] = self.k_cache[:, src, :n]
+        self.v_cache[:, dst, :n] = self.v_cache[:, src, :n]
+        self.cache_seqlens[dst] = n
+        self.lengths[dst] = n
+        self.prev_embedding[dst] = self.prev_embedding[src]
+        self.use_rows(rows_in_use)
+
+    def use_rows(self, count):
+        """The next forward runs the first `count` rows: it writes at the longest one's position."""
+        self.pos = max(self.lengths[:count], default=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
