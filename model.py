@@ -494,17 +494,24 @@ def default_decode_dtype(device):
 @torch.no_grad()
 def set_decode_dtype(gpt, dtype="auto"):
     """Store gpt's matrices (blocks and lm_head, cropped to the vocab) for inference in `dtype` (DECODE_DTYPES):
-    the model can no longer train. "fp32" leaves it as it is (on GPUs casts it to the compute dtype once).
-    Returns the dtype chosen. Costs: greedy tokens may change where the top two logits nearly tie; bench.py
-    decode prints the bpb it costs."""
+    the model can no longer train. "fp32": the matrices as they are. Where the compute dtype is not fp32 (GPUs),
+    the whole model is first cast to it once, not in every matmul. Returns the dtype chosen; "int8" needs a
+    model width that is a multiple of 64. Greedy tokens may change where the top two logits nearly tie; bench.py
+    decode prints what each dtype costs in bits per byte."""
     if dtype not in DECODE_DTYPES:
         raise ValueError(f"decode dtype {dtype!r} is not one of {', '.join(DECODE_DTYPES)}")
-    dtype = default_decode_dtype(gpt.get_device()) if dtype == "auto" else dtype
+    if dtype == "auto":
+        dtype = default_decode_dtype(gpt.get_device()) if gpt.config.n_embd % 64 == 0 else "fp32"
+    if dtype == "int8" and gpt.config.n_embd % 64:  # torch's CPU int8 kernel crashes on some input widths
+        raise ValueError(f"decode dtype int8 needs a model width that is a multiple of 64, not {gpt.config.n_embd}: "
+                         f"use bf16 or fp32")
+    if COMPUTE_DTYPE != torch.float32:
+        gpt.to(COMPUTE_DTYPE)
     if dtype == "fp32":
-        if COMPUTE_DTYPE != torch.float32:  # cast once, not in every matmul
-            gpt.to(COMPUTE_DTYPE)
         return dtype
-    layers = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear)] + [gpt.lm_head]
+    # the matrices, not the small gates: torch's CPU int8 kernel crashes on input widths like 12 or 60
+    layers = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear) and m.in_features % 64 == 0]
+    layers.append(gpt.lm_head)
     for m in layers:
         weight = m.weight[:gpt.config.vocab_size] if m is gpt.lm_head else m.weight
         del m.weight

@@ -221,7 +221,8 @@ def test_health_stats_models_and_page(server):
     assert health["available_workers"] == 2 and health["defaults"]["max_tokens"] == 16
     s = stats(server)
     assert (s["total_workers"], s["available_workers"], s["busy_workers"]) == (2, 2, 0)
-    assert s["workers"] == [{"gpu_id": 0, "device": "cpu"}, {"gpu_id": 1, "device": "cpu"}]
+    assert [{k: w[k] for k in ("gpu_id", "device", "decoding", "waiting")} for w in s["workers"]] == [
+        {"gpu_id": 0, "device": "cpu", "decoding": 0, "waiting": 0}, {"gpu_id": 1, "device": "cpu", "decoding": 0, "waiting": 0}]
     models = json.loads(request(server, "GET", "/v1/models")[2])
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     status, headers, page = request(server, "GET", "/?x=1")
