@@ -136,6 +136,11 @@ def add_train_parser(sub):
     p.set_defaults(func=bench_train)
 
 # ---- decode ----
+import contextlib
+import copy
+import importlib
+import sys
+
 from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 
@@ -171,49 +176,137 @@ class StopSometimes(torch.nn.Module):
         return logits
 
 
+def import_tree(path):
+    """model.py and common.py of another checkout (e.g. an older commit in a temporary folder) as modules of
+    their own, next to this tree's: -> (model module, common module)."""
+    saved = {name: sys.modules.pop(name) for name in ("model", "common") if name in sys.modules}
+    sys.path.insert(0, str(path))
+    try:
+        return importlib.import_module("model"), importlib.import_module("common")
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.pop("model", None), sys.modules.pop("common", None)
+        sys.modules.update(saved)
+
+
+@contextlib.contextmanager
+def modules_of(tree):
+    """Run another tree's code: its functions that import `model` lazily then find their own."""
+    if tree is None:
+        yield
+        return
+    saved = sys.modules["model"]
+    sys.modules["model"] = tree
+    try:
+        yield
+    finally:
+        sys.modules["model"] = saved
+
+
 def time_decode(engine, prompt, batch_size, args, seed):
     """Run one generation; returns (tokens of unfinished rows after the first column, seconds since the
-    first column): decode only, the prefill is not counted."""
-    tokens, start, finished = 0, None, set()
+    first column, the first row's tokens): decode only, the prefill is not counted."""
+    tokens, start, finished, first_row = 0, None, set(), []
     for column, _ in engine.generate(prompt, num_samples=batch_size, max_tokens=args.decode_tokens,
                                      temperature=args.temperature, top_k=args.top_k, seed=seed):
+        first_row.append(column[0])
         if start is None:
             start = time.perf_counter()
             continue
         tokens += sum(1 for i, token in enumerate(column) if i not in finished)
         finished.update(i for i, token in enumerate(column) if token in engine.stop_tokens)
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, first_row
+
+
+def bandwidth_ceiling(device, megabytes=256, repeats=5):
+    """GB/s of the best of a few fp32 matrix-vector products over `megabytes` of matrix: the memory bandwidth a
+    decode step (every weight read once) can reach at best on this machine, measured in the same run."""
+    n = int((megabytes * 2 ** 20 / 4) ** 0.5)
+    w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
+    w @ x
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        w @ x
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * 4 / best / 1e9
+
+
+def weight_bytes(gpt):
+    """Bytes of weights one decode step reads: every matrix once (embeddings: one row per token, left out)."""
+    matrices = [m for m in gpt.modules() if isinstance(m, torch.nn.Linear)]
+    total = 0
+    for m in matrices:
+        if isinstance(m, model.DecodeLinear):
+            total += m.qweight.numel() * m.qweight.element_size()
+        else:
+            rows = gpt.config.vocab_size if m is gpt.lm_head else m.weight.size(0)
+            total += rows * m.weight.size(1) * m.weight.element_size()
+    return total
+
+
+def decode_variants(args, base, tokenizer):
+    """name -> (engine, the tree's model module or None): --compare-with's engine first, then one per dtype."""
+    variants = {}
+    if args.compare_with:
+        old_model, old_common = import_tree(args.compare_with)
+        with modules_of(old_model):
+            old = old_model.build_gpt(old_model.GPTConfig(**vars(base.config)), base.get_device()).eval()
+        old.load_state_dict(base.state_dict())
+        variants[f"{args.compare_with} fp32"] = (old_common.Engine(old, tokenizer), old_model)
+    for dtype in args.decode_dtypes:
+        engine = common.Engine(copy.deepcopy(base), tokenizer, dtype)
+        variants[f"this tree {engine.decode_dtype}"] = (engine, None)
+    return variants
 
 
 def bench_decode(args):
-    """Decode tokens/s of the Engine per batch size (median of --repeats, interleaved A/B when comparing)."""
+    """Decode tokens/s of the Engine per batch size and weight dtype (median of --repeats, interleaved), with
+    the GB/s of weight reads next to the measured memory-bandwidth ceiling; --compare-with DIR times another
+    checkout's engine on the same weights in the same run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, prompt = decode_setup(args)
-    print(f"model: depth {args.depth}, n_embd {model.config.n_embd}, seq {args.seq_len}, vocab {args.vocab_size}, "
-          f"window {args.window_pattern}, dtype {next(model.parameters()).dtype}; device {next(model.parameters()).device}, "
+    base, tokenizer, prompt = decode_setup(args)
+    device = base.get_device()
+    print(f"model: depth {args.depth}, n_embd {base.config.n_embd}, seq {args.seq_len}, vocab {args.vocab_size}, "
+          f"window {args.window_pattern}, dtype {next(base.parameters()).dtype}; device {device}, "
           f"{torch.get_num_threads()} threads; prompt {len(prompt)} tokens, {args.decode_tokens} decoded, "
-          f"temperature {args.temperature}, top-k {args.top_k}")
+          f"temperature {args.temperature}, top-k {args.top_k}; loadavg {open('/proc/loadavg').read().split()[:3]}")
     end = tokenizer.encode_special("<|assistant_end|>")
-    variants = {"engine": common.Engine(model, tokenizer)}
     if args.stops:  # finished rows leave the batch vs stay in it (the reference)
-        variants = {"drop finished": common.Engine(StopSometimes(model, end), tokenizer),
-                    "keep finished": common.Engine(StopSometimes(model, end), tokenizer)}
-        variants["keep finished"].drop_finished = False
-    medians = {}
+        variants = {"drop finished": (common.Engine(StopSometimes(base, end), tokenizer), None),
+                    "keep finished": (common.Engine(StopSometimes(base, end), tokenizer), None)}
+        variants["keep finished"][0].drop_finished = False
+    else:
+        variants = decode_variants(args, base, tokenizer)
+    ceilings, medians, firsts = [bandwidth_ceiling(device)], {}, {}
     for batch_size in args.batch_sizes:
-        for engine in variants.values():
-            time_decode(engine, prompt, batch_size, args, seed=-1)  # warm-up
+        for engine, tree in variants.values():
+            with modules_of(tree):
+                time_decode(engine, prompt, batch_size, args, seed=-1)  # warm-up
         rates = {name: [] for name in variants}
         for repeat in range(args.repeats):
-            for name, engine in variants.items():  # interleaved, so load changes hit every variant alike
-                tokens, seconds = time_decode(engine, prompt, batch_size, args, seed=repeat)
+            for name, (engine, tree) in variants.items():  # interleaved, so load changes hit every variant alike
+                with modules_of(tree):
+                    tokens, seconds, firsts[name] = time_decode(engine, prompt, batch_size, args, seed=repeat)
                 rates[name].append((tokens / seconds, seconds))
+        ceilings.append(bandwidth_ceiling(device))
+        reference = None
         for name, runs in rates.items():
             tok_s = sorted(r for r, _ in runs)
-            medians[(batch_size, name)] = statistics.median(tok_s)
-            print(f"batch {batch_size:>3} {name:>14}: {statistics.median(tok_s):7.1f} tokens/s median "
-                  f"(min {tok_s[0]:.1f}, max {tok_s[-1]:.1f}; {statistics.median(s for _, s in runs):.2f} s per run)")
+            median = medians[(batch_size, name)] = statistics.median(tok_s)
+            reference = reference or median
+            engine = variants[name][0]
+            gb_s = weight_bytes(engine.model.model if args.stops else engine.model) * median / batch_size / 1e9
+            same = next((i for i, (a, b) in enumerate(zip(firsts[name], next(iter(firsts.values())))) if a != b),
+                        len(firsts[name]))
+            print(f"batch {batch_size:>3} {name:>24}: {median:7.1f} tokens/s median ({median / reference:.2f}x; min "
+                  f"{tok_s[0]:.1f}, max {tok_s[-1]:.1f}), weight reads {gb_s:5.1f} GB/s; first row's tokens equal to "
+                  f"the first variant's for {same}/{len(firsts[name])}")
+    print(f"memory-bandwidth ceiling (fp32 matrix-vector product, 256 MB): {max(ceilings):.1f} GB/s "
+          f"(min {min(ceilings):.1f} over the run); loadavg {open('/proc/loadavg').read().split()[:3]}")
     return medians  # tokens/s by (batch size, variant)
 
 
@@ -230,6 +323,10 @@ def add_decode_parser(sub):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-dtypes", type=lambda s: s.split(","), default=["fp32", "auto"],
+                   help="weight dtypes to time, comma-separated (model.DECODE_DTYPES)")
+    p.add_argument("--compare-with", default="", help="another checkout (e.g. `git worktree add /tmp/old f3ddfd2`): "
+                   "its engine on the same weights, timed first in each round")
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
                    "rows from the batch with keeping them (the reference), by useful tokens/s")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -393,7 +490,6 @@ def add_serve_parser(sub):
 
 
 # ---- gpu: one command that checks a GPU ----
-import contextlib
 import gc
 import pathlib
 import subprocess

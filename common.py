@@ -2176,6 +2176,7 @@ class DecodeBatch:
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         return row
 
+    @torch.inference_mode()
     def leave(self, row):
         """Drop a row (finished, or its client left): the last row moves into its place."""
         i, last = self.rows.index(row), len(self.rows) - 1

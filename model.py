@@ -485,10 +485,13 @@ class DecodeLinear(Linear):
 DECODE_DTYPES = ("auto", "fp32", "bf16", "int8")
 
 
-def default_decode_dtype(device):
-    """int8 on the CPU, where it measured ~2x the fp32 decode speed (bench.py decode); on GPUs the compute dtype
-    (bf16 from capability 8.0): torch's int8 weight-only kernel there is not tuned for decoding."""
-    return "int8" if torch.device(device).type == "cpu" else "bf16" if COMPUTE_DTYPE == torch.bfloat16 else "fp32"
+def default_decode_dtype(gpt):
+    """int8 on the CPU for models at least 256 wide, where it measured ~2x the fp32 decode speed (bench.py decode;
+    smaller ones are bound by per-operation overhead, not by weight reads); on GPUs the compute dtype (bf16 from
+    capability 8.0): torch's int8 weight-only kernel there is not tuned for decoding."""
+    if gpt.get_device().type == "cpu" and gpt.config.n_embd >= 256 and gpt.config.n_embd % 64 == 0:
+        return "int8"
+    return "bf16" if COMPUTE_DTYPE == torch.bfloat16 else "fp32"
 
 
 @torch.no_grad()
@@ -500,8 +503,7 @@ def set_decode_dtype(gpt, dtype="auto"):
     decode prints what each dtype costs in bits per byte."""
     if dtype not in DECODE_DTYPES:
         raise ValueError(f"decode dtype {dtype!r} is not one of {', '.join(DECODE_DTYPES)}")
-    if dtype == "auto":
-        dtype = default_decode_dtype(gpt.get_device()) if gpt.config.n_embd % 64 == 0 else "fp32"
+    dtype = default_decode_dtype(gpt) if dtype == "auto" else dtype
     if dtype == "int8" and gpt.config.n_embd % 64:  # torch's CPU int8 kernel crashes on some input widths
         raise ValueError(f"decode dtype int8 needs a model width that is a multiple of 64, not {gpt.config.n_embd}: "
                          f"use bf16 or fp32")

@@ -556,7 +556,7 @@ def parse_args():
     parser.add_argument("--max-queue", type=int_flag(0), default=64,
                         help="requests waiting beyond the batch per replica; more get 503 with Retry-After")
     parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
-                        help="precision of the weights for decoding (auto: int8 on the CPU, the compute dtype on GPUs)")
+                        help="precision of the weights for decoding (auto: int8 on the CPU from width 256, else the compute dtype)")
     parser.add_argument("--port", type=int_flag(0, 65535), default=8000, help="TCP port (0 = any free one)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
