@@ -398,93 +398,115 @@ import json
 import threading
 
 
-def first_token_seconds(port, path, body):
-    """Seconds from sending a streaming chat request to the first event that carries reply text."""
+def stream_request(port, body):
+    """One streaming OpenAI request: -> (seconds to the first reply text, seconds to the last, reply tokens)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    response, first = conn.getresponse(), None
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response, first, last, tokens = conn.getresponse(), None, None, 0
     assert response.status == 200, response.read()
-    for line in response:  # read to the end: the next request then finds the replica free
-        if first is None and line.startswith(b"data: {"):
-            event = json.loads(line[6:])
-            if event.get("token") or any(c["delta"].get("content") for c in event.get("choices", [])):
-                first = time.perf_counter() - start
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]:
+            first = first or time.perf_counter() - start
+            last = time.perf_counter() - start
     conn.close()
-    return first
+    return first, last, tokens
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def bench_serve(args):
-    """Time to first token through serve.py (in-process, 127.0.0.1, one replica) for both streaming protocols,
-    next to the engine's own time to first token, so the HTTP layer's share is visible. --clients N sends N
-    requests at once: all but the first wait for the replica, as they would on a busy server."""
+    """serve.py in-process on 127.0.0.1 with one replica, batching off (--max-batch 1: one request at a time)
+    and on, at each --clients count: every client sends --repeats streaming requests back to back. Prints the
+    aggregate reply tokens/s, p50 and p95 time to first token and p50 time per output token (from the first
+    reply text to the last, per token after the first), and the engine's own time to first token without HTTP."""
     import serve
     if args.stage:
-        model, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
+        gpt, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
     else:
-        model, tokenizer, _ = decode_setup(args)
-    replica = serve.Replica(0, model, tokenizer)
-    server = serve.make_server([replica], "127.0.0.1", 0, max_tokens=args.decode_tokens)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+        gpt, tokenizer, _ = decode_setup(args)
+    dtype = model.set_decode_dtype(gpt, args.decode_dtype)
+    max_batch = args.max_batch or serve.default_max_batch(gpt)
+    servers = {"one at a time": serve.make_server([serve.Replica(0, gpt, tokenizer, max_batch=1, max_queue=1024)],
+                                                   "127.0.0.1", 0, max_tokens=args.decode_tokens),
+               f"batched ({max_batch} rows)": serve.make_server(
+                   [serve.Replica(0, gpt, tokenizer, max_batch=max_batch, max_queue=1024)], "127.0.0.1", 0,
+                   max_tokens=args.decode_tokens)}
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     text = "hello" * max(1, args.prompt_tokens // len(tokenizer.encode(" hello")))  # ~--prompt-tokens tokens
     messages = [{"role": "user", "content": text.replace("hello", " hello")[:serve.MAX_MESSAGE_CHARS]}]
-    prompt = common.build_chat_prompt(tokenizer, messages, model.config.sequence_len, args.decode_tokens)[0]
-    print(f"model: {model.config}; device {replica.device}, {torch.get_num_threads()} threads; prompt {len(prompt)} "
-          f"tokens; replies of {args.decode_tokens} tokens; {args.clients} client(s) at once; median of {args.repeats}")
+    prompt = common.build_chat_prompt(tokenizer, messages, gpt.config.sequence_len, args.decode_tokens)[0]
+    print(f"model: {gpt.config}; {dtype} decode weights; device {gpt.get_device()}, {torch.get_num_threads()} "
+          f"threads; prompt {len(prompt)} tokens; replies of {args.decode_tokens} tokens (temperature 0.8, top-k 50); "
+          f"{args.repeats} request(s) per client; loadavg {open('/proc/loadavg').read().split()[:3]}")
+    engine = servers["one at a time"].replicas[0].engine
+    start = time.perf_counter()
+    next(iter(engine.generate(prompt, 1, args.decode_tokens, temperature=0.8, top_k=50)))
+    engine_first = time.perf_counter() - start
+    print(f"engine alone, no HTTP: time to first token {engine_first * 1000:.0f} ms")
+    body = {"messages": messages, "stream": True, "temperature": 0.8, "top_k": 50, "max_tokens": args.decode_tokens,
+            "stream_options": {"include_usage": True}}
+    for server in servers.values():
+        stream_request(server.server_address[1], body)  # warm-up
+    results = {}
+    for clients in args.clients:
+        for name, server in servers.items():
+            requests = []
 
-    def engine_first_token():  # in a fresh thread, like a request handler (torch's CPU threading differs)
-        times = []
-
-        def run():
+            def client():
+                for _ in range(args.repeats):
+                    requests.append(stream_request(server.server_address[1], body))
+            threads = [threading.Thread(target=client) for _ in range(clients)]
             start = time.perf_counter()
-            next(iter(replica.engine.generate(prompt, 1, args.decode_tokens, temperature=0.8, top_k=50)))
-            times.append(time.perf_counter() - start)
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-        return times[0]
-
-    body = {"messages": messages, "stream": True}
-    runs = {"engine, no HTTP": engine_first_token,
-            "POST /chat/completions": lambda: first_token_seconds(port, "/chat/completions", body),
-            "POST /v1/chat/completions": lambda: first_token_seconds(port, "/v1/chat/completions", body)}
-    for run in runs.values():
-        run()  # warm-up
-    results = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():  # interleaved, so load changes hit every variant alike
-            if args.clients == 1 or name.startswith("engine"):
-                results[name].append(run())
-                continue
-            times = []
-            threads = [threading.Thread(target=lambda: times.append(run())) for _ in range(args.clients)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            results[name] += times
-    for name, times in results.items():
-        times.sort()
-        print(f"{name:>26}: time to first token {statistics.median(times) * 1000:8.1f} ms median "
-              f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f})")
-    server.shutdown()
-    server.server_close()
-    return {name: statistics.median(times) for name, times in results.items()}  # seconds to the first token
+            seconds = time.perf_counter() - start
+            tokens = sum(n for _, _, n in requests)
+            firsts = [first for first, _, _ in requests]
+            gaps = [(last - first) / (n - 1) for first, last, n in requests if n > 1]
+            results[(clients, name)] = dict(tok_s=tokens / seconds, ttft_p50=percentile(firsts, 0.5),
+                                            ttft_p95=percentile(firsts, 0.95), tpot_p50=percentile(gaps, 0.5))
+            r = results[(clients, name)]
+            print(f"{clients:>3} clients, {name:>20}: {r['tok_s']:7.1f} tokens/s aggregate, time to first token p50 "
+                  f"{r['ttft_p50'] * 1000:6.0f} ms, p95 {r['ttft_p95'] * 1000:6.0f} ms; time per output token p50 "
+                  f"{r['tpot_p50'] * 1000:5.1f} ms", flush=True)
+        off, on = (results[(clients, name)]["tok_s"] for name in servers)
+        print(f"{clients:>3} clients: batching gives {on / off:.2f}x the aggregate tokens/s of one at a time")
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+    print(f"loadavg {open('/proc/loadavg').read().split()[:3]}")
+    first_batched = results[(args.clients[0], list(servers)[1])]
+    return {"engine, no HTTP": engine_first, "POST /v1/chat/completions": first_batched["ttft_p50"], **{
+        f"{clients} clients, {name}": r for (clients, name), r in results.items()}}
 
 
 def add_serve_parser(sub):
-    p = sub.add_parser("serve", help="time to first token through serve.py (defaults: the CPU demo model)")
+    p = sub.add_parser("serve", help="serve.py under concurrent clients, batching off and on (defaults: the CPU "
+                       "demo model)")
     p.add_argument("--stage", default="", help="serve a saved checkpoint (base|sft|rl) instead of random weights")
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--window-pattern", default="L")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--clients", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--repeats", type=int, default=2, help="requests each client sends, one after the other")
+    p.add_argument("--max-batch", type=int, default=0, help="rows of the batched server (0: serve.py's default)")
+    p.add_argument("--decode-dtype", default="auto", choices=model.DECODE_DTYPES)
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_serve)
 
