@@ -234,7 +234,8 @@ class CausalSelfAttention(nn.Module):
         lengths = None
         if kv_cache is not None:  # write this chunk into the cache, attend over everything cached so far
             pos, positions = kv_cache.pos, kv_cache.positions
-            k_cache, v_cache = (c[:B] for c in kv_cache.get_layer_cache(self.layer_idx))  # the cache may hold spare rows
+            # the first B rows: a continuous batch's cache holds spare ones
+            k_cache, v_cache = (c[:B] for c in kv_cache.get_layer_cache(self.layer_idx))
             if positions is None:
                 k_cache[:, pos:pos + T] = k
                 v_cache[:, pos:pos + T] = v
@@ -421,8 +422,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
-        if isinstance(self.lm_head, DecodeLinear):  # decode weights: quantized with the padding cropped
-            return softcap(self.lm_head(x).float())
+        if isinstance(self.lm_head, DecodeLinear):  # decode weights (set_decode_dtype), the padding cropped
+            logits = softcap(self.lm_head(x).float())
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
         weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
         if targets is None:
             return softcap(F.linear(x, weight.to(x.dtype)).float())
@@ -733,7 +737,8 @@ class KVCache:
         self.cache_seqlens[row] = n
         self.lengths[row] = n
         if self.prev_embedding is None:
-            self.prev_embedding = other.prev_embedding.new_zeros((self.k_cache.size(1), *other.prev_embedding.shape[1:]))
+            prev = other.prev_embedding
+            self.prev_embedding = prev.new_zeros((self.k_cache.size(1), *prev.shape[1:]))
         self.prev_embedding[row] = other.prev_embedding[0]
         self.use_rows(rows_in_use)
 

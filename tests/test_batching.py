@@ -142,7 +142,8 @@ def test_a_calculator_call_in_one_row_while_others_decode(tok):
     engine = Engine(Steered(make_model(tok.get_vocab_size(), sequence_len=512), rules, masked), tok)
     bos = tok.get_bos_token_id()
     calc_prompt = [bos] + tok.encode("what is 2+3") + [trigger]
-    requests = [(prompts_of(tok)[0], 20, SETTINGS[1]), (calc_prompt, 20, SETTINGS[0]), (prompts_of(tok)[2], 20, SETTINGS[2])]
+    prompts = prompts_of(tok)
+    requests = [(prompts[0], 20, SETTINGS[1]), (calc_prompt, 20, SETTINGS[0]), (prompts[2], 20, SETTINGS[2])]
     expected = [alone(engine, *r) for r in requests]
     got = run_batch(DecodeBatch(engine, max_rows=3, seq_len=512), requests, joins=[0, 2, 1])
     assert got == expected

@@ -464,7 +464,8 @@ def test_concurrent_requests_get_the_tokens_they_get_alone():
     server = batching_server(max_batch=4, delay=0.01)
     bodies = [{"messages": [user("hi " * (1 + 3 * i))], "max_tokens": 8 + 4 * i, "temperature": (0, 1.0)[i % 2],
                "seed": i, "top_k": (0, 30)[i % 2]} for i in range(6)]
-    reply = lambda body: json.loads(request(server, "POST", "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"]
+    def reply(body):
+        return json.loads(request(server, "POST", "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"]
     expected = [reply(body) for body in bodies]  # one at a time
     got, decoding = [None] * len(bodies), []
 
