@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import load_gpt, sample_next_token, set_decode_dtype
+from model import load_gpt, sample_next_token, sampling_probs, set_decode_dtype
 
 
 # ======== 1. Run setup ============================================================================
@@ -2075,22 +2075,26 @@ class Engine:
         return self.model(ids, kv_cache=cache)[:, -1, :], cache
 
     def sample(self, logits, rows):
-        """(B, V) logits -> B token ids, each row with its own settings and generator. Rows that share both
-        (the samples of one prompt, or greedy rows) are drawn in one call, so a row draws from its generator
-        exactly as it would alone."""
+        """(B, V) logits -> B token ids, each row with its own settings and generator. Rows with the same
+        settings share the top-k and softmax; each draws from its own generator (one draw for rows sharing
+        one, the samples of a prompt), so a row gets what it would get alone."""
         groups = {}
         for i, row in enumerate(rows):
-            key = "greedy" if row["sampling"][0] == 0 else (id(row["rng"]), row["sampling"])
-            groups.setdefault(key, []).append(i)
-        if len(groups) == 1:
+            groups.setdefault(row["sampling"] if row["sampling"][0] else "greedy", []).append(i)
+        if len(groups) == 1 and len({id(row["rng"]) for row in rows}) == 1:
             return sample_next_token(logits, rows[0]["rng"], *rows[0]["sampling"]).tolist()
-        tokens = [0] * len(rows)
-        for indices in groups.values():
-            row = rows[indices[0]]
-            picked = sample_next_token(logits[indices], row["rng"], *row["sampling"]).tolist()
-            for i, token in zip(indices, picked):
-                tokens[i] = token
-        return tokens
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for settings, indices in groups.items():
+            index = torch.tensor(indices, device=logits.device)
+            group = logits if len(indices) == len(rows) else logits[index]
+            if settings == "greedy":
+                tokens[index] = group.argmax(dim=-1)
+                continue
+            probs, ids = sampling_probs(group, *settings)
+            choice = torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=rows[i]["rng"])
+                                for j, i in enumerate(indices)])
+            tokens[index] = (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+        return tokens.tolist()
 
     def step(self, tokens, cache):
         """One decode step: each row's last token in, its next-token logits (B, V) out."""

@@ -537,6 +537,13 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     top_p the smallest set of them whose probability reaches p; draws come from the seeded `rng`."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs, ids = sampling_probs(logits, temperature, top_k, top_p)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def sampling_probs(logits, temperature, top_k=None, top_p=None):
+    """What sample_next_token draws from: (probabilities (B, k), their token ids (B, k) or None for all V)."""
     ids = None
     if top_k is not None and 0 < top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
@@ -547,8 +554,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         probs = F.softmax(logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it: kept
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
-    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+    return F.softmax(logits, dim=-1), ids
 
 
 def build_gpt(config, device):
