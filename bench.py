@@ -146,8 +146,13 @@ from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 def decode_setup(args):
     """The model to time (random weights: decode speed does not depend on them) and a tokenizer with the
-    same special-token ids as a trained one of this vocab size (the engine only needs those)."""
+    same special-token ids as a trained one of this vocab size (the engine only needs those); with --stage,
+    a saved checkpoint and its tokenizer instead."""
     torch.manual_seed(0)
+    if getattr(args, "stage", ""):
+        gpt, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
+        text = " ".join(common.SAMPLE_PROMPTS * 20)
+        return gpt.eval(), tokenizer, tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())[:args.prompt_tokens]
     config = config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
                               vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     device = args.device_type or common.autodetect_device_type()
@@ -305,6 +310,13 @@ def bench_decode(args):
             print(f"batch {batch_size:>3} {name:>24}: {median:7.1f} tokens/s median ({median / reference:.2f}x; min "
                   f"{tok_s[0]:.1f}, max {tok_s[-1]:.1f}), weight reads {gb_s:5.1f} GB/s; first row's tokens equal to "
                   f"the first variant's for {same}/{len(firsts[name])}")
+    if args.stage:  # what each dtype costs: bits per byte on the validation split, same batches for all
+        for name, (engine, tree) in variants.items():
+            batches = common.bestfit_batches(tokenizer, 8, base.config.sequence_len, "val", device)
+            with modules_of(tree), torch.inference_mode():
+                bpb = common.evaluate_bpb(engine.model, batches, args.bpb_steps, common.get_token_bytes(device))
+            batches.close()
+            print(f"{name:>24}: val bpb {bpb:.5f} over {args.bpb_steps} batches of 8 x {base.config.sequence_len}")
     print(f"memory-bandwidth ceiling (fp32 matrix-vector product, 256 MB): {max(ceilings):.1f} GB/s "
           f"(min {min(ceilings):.1f} over the run); loadavg {open('/proc/loadavg').read().split()[:3]}")
     return medians  # tokens/s by (batch size, variant)
@@ -325,6 +337,9 @@ def add_decode_parser(sub):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-dtypes", type=lambda s: s.split(","), default=["fp32", "auto"],
                    help="weight dtypes to time, comma-separated (model.DECODE_DTYPES)")
+    p.add_argument("--stage", default="", help="time a saved checkpoint (base|sft|rl) instead of random weights "
+                   "and print each dtype's validation bits per byte")
+    p.add_argument("--bpb-steps", type=int, default=8, help="validation batches for the bpb of each dtype (--stage)")
     p.add_argument("--compare-with", default="", help="another checkout (e.g. `git worktree add /tmp/old f3ddfd2`): "
                    "its engine on the same weights, timed first in each round")
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
