@@ -275,8 +275,9 @@ def bench_decode(args):
         torch.set_num_threads(args.threads)
     base, tokenizer, prompt = decode_setup(args)
     device = base.get_device()
-    print(f"model: depth {args.depth}, n_embd {base.config.n_embd}, seq {args.seq_len}, vocab {args.vocab_size}, "
-          f"window {args.window_pattern}, dtype {next(base.parameters()).dtype}; device {device}, "
+    c = base.config
+    print(f"model: depth {c.n_layer}, n_embd {c.n_embd}, seq {c.sequence_len}, vocab {c.vocab_size}, "
+          f"window {c.window_pattern}, dtype {next(base.parameters()).dtype}; device {device}, "
           f"{torch.get_num_threads()} threads; prompt {len(prompt)} tokens, {args.decode_tokens} decoded, "
           f"temperature {args.temperature}, top-k {args.top_k}; loadavg {open('/proc/loadavg').read().split()[:3]}")
     end = tokenizer.encode_special("<|assistant_end|>")
