@@ -16,7 +16,8 @@ then averages the gradients itself (ZeRO-2: reduce-scatter, each rank updates a 
 DistributedDataParallel. torch.compile(gpt) works too (the chunked loss stays eager).
 Parameter names equal the reference nanochat's state-dict keys; load_gpt also reads its checkpoints. With
 enable_fp8(gpt) the block matrices train in fp8 (CUDA capability 8.9+, or slowly on the CPU); fp8_disabled(gpt)
-for evaluation.
+for evaluation. For inference, set_decode_dtype(gpt, "int8") stores the matrices in int8 (or bf16), and a KVCache
+can hold rows at different positions (continuous batching: KVCache.set_row, move_row).
 """
 import contextlib
 import ctypes
@@ -491,9 +492,9 @@ DECODE_DTYPES = ("auto", "fp32", "bf16", "int8")
 
 def default_decode_dtype(gpt):
     """int8 on the CPU for models whose fp32 matrices outgrow the caches (over 32 MB), where decoding is bound by
-    reading them: measured 1.7x (batch 1) and 2.3x (batch 8) the fp32 speed on d6 with vocab 32768 (93 MB),
-    bench.py decode. A smaller model is read from cache and fp32 is faster (d4 with vocab 4096, 17 MB: 2.0 ms
-    a step in fp32, 4.8 ms in int8). On GPUs the compute dtype (bf16 from capability 8.0)."""
+    reading them: measured 1.6-1.8x (batch 1) and 1.5-2.3x (batch 8) the fp32 tokens/s on d6 with vocab 32768
+    (93 MB; bench.py decode, one thread, under load). A smaller model is read from cache and fp32 is faster (d4
+    with vocab 4096, 17 MB: 2.0 ms a step in fp32, 4.8 ms in int8). On GPUs the compute dtype (bf16 from 8.0)."""
     matrices = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear)] + [gpt.lm_head]
     big = sum(m.weight.numel() for m in matrices) * 4 > 32 * 2 ** 20
     if gpt.get_device().type == "cpu" and big and gpt.config.n_embd % 64 == 0:
