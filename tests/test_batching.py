@@ -152,7 +152,7 @@ def test_a_calculator_call_in_one_row_while_others_decode(tok):
     assert len(got[0]) == len(got[2]) == 20 and special("<|python_start|>") not in got[0] + got[2]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int8a8"])
 def test_lower_precision_decode_weights_stay_close_to_fp32(tok, dtype):
     from model import DecodeLinear, GPTConfig, build_gpt, set_decode_dtype
     torch.manual_seed(0)
@@ -174,3 +174,12 @@ def test_lower_precision_decode_weights_stay_close_to_fp32(tok, dtype):
     with pytest.raises(ValueError, match="int8"):
         set_decode_dtype(build_gpt(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1,
                                              n_embd=96), "cpu"), "int8")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int8a8"])
+def test_quantized_rows_decoded_together_get_the_tokens_they_get_alone(tok, dtype):
+    engine = Engine(make_model(tok.get_vocab_size(), sequence_len=512), tok, decode_dtype=dtype)
+    assert engine.decode_dtype == dtype
+    requests = [(p, n, s) for p, n, s in zip(prompts_of(tok), (20, 12, 25, 16), SETTINGS)]
+    expected = [alone(engine, *r) for r in requests]
+    assert run_batch(DecodeBatch(engine, max_rows=4, seq_len=512), requests, joins=[0, 1, 1, 4]) == expected
