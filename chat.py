@@ -33,7 +33,8 @@ def parse_args():
     parser.add_argument("-m", "--max-tokens", type=int_flag(1), default=512,
                         help="longest reply, in tokens (at most what the model's context leaves)")
     parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
-                        help="weight precision for decoding (auto: int8 on a CPU for matrices over 32 MB, else compute dtype)")
+                        help="weight precision for decoding (auto: int8a8 on a CPU for matrices over 32 MB, "
+                             "else the compute dtype)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
     return parser.parse_args()
 

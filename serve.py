@@ -30,8 +30,8 @@ row. Each keeps its own settings and seed: a seeded or greedy request gets the t
 to float rounding). Beyond the batch, requests wait in a queue of at most --max-queue per replica; when it is
 full the answer is 503 with a Retry-After header, and a request that waited 300 s without a row gets 503 too.
 --max-batch 1 serves one request at a time. --decode-dtype sets the precision of the weights for decoding
-(auto: int8 weight-only on the CPU for models whose matrices take over 32 MB, else the compute dtype). No CORS headers:
-only the page served here (same origin) can call the API from a browser.
+(auto: int8 weights and activations on the CPU for models whose matrices take over 32 MB, else the compute
+dtype). No CORS headers: only the page served here (same origin) can call the API from a browser.
 """
 import collections
 import contextlib
@@ -558,7 +558,8 @@ def parse_args():
     parser.add_argument("--max-queue", type=int_flag(0), default=64,
                         help="requests waiting beyond the batch per replica; more get 503 with Retry-After")
     parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
-                        help="weight precision for decoding (auto: int8 on a CPU for matrices over 32 MB, else compute dtype)")
+                        help="weight precision for decoding (auto: int8a8 on a CPU for matrices over 32 MB, "
+                             "else the compute dtype)")
     parser.add_argument("--port", type=int_flag(0, 65535), default=8000, help="TCP port (0 = any free one)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
