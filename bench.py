@@ -263,7 +263,7 @@ def decode_variants(args, base, tokenizer):
         variants[f"{args.compare_with} fp32"] = (old_common.Engine(old, tokenizer), old_model)
     for dtype in args.decode_dtypes:
         engine = common.Engine(copy.deepcopy(base), tokenizer, dtype)
-        variants[f"this tree {engine.decode_dtype}"] = (engine, None)
+        variants.setdefault(f"this tree {engine.decode_dtype}", (engine, None))  # auto may repeat one
     return variants
 
 
