@@ -136,13 +136,23 @@ def add_train_parser(sub):
     p.set_defaults(func=bench_train)
 
 # ---- decode ----
+import contextlib
+import copy
+import importlib
+import sys
+
 from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 
 def decode_setup(args):
     """The model to time (random weights: decode speed does not depend on them) and a tokenizer with the
-    same special-token ids as a trained one of this vocab size (the engine only needs those)."""
+    same special-token ids as a trained one of this vocab size (the engine only needs those); with --stage,
+    a saved checkpoint and its tokenizer instead."""
     torch.manual_seed(0)
+    if getattr(args, "stage", ""):
+        gpt, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
+        text = " ".join(common.SAMPLE_PROMPTS * 20)
+        return gpt.eval(), tokenizer, tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())[:args.prompt_tokens]
     config = config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
                               vocab_size=args.vocab_size, window_pattern=args.window_pattern)
     device = args.device_type or common.autodetect_device_type()
@@ -171,49 +181,145 @@ class StopSometimes(torch.nn.Module):
         return logits
 
 
+def import_tree(path):
+    """model.py and common.py of another checkout (e.g. an older commit in a temporary folder) as modules of
+    their own, next to this tree's: -> (model module, common module)."""
+    saved = {name: sys.modules.pop(name) for name in ("model", "common") if name in sys.modules}
+    sys.path.insert(0, str(path))
+    try:
+        return importlib.import_module("model"), importlib.import_module("common")
+    finally:
+        sys.path.remove(str(path))
+        sys.modules.pop("model", None), sys.modules.pop("common", None)
+        sys.modules.update(saved)
+
+
+@contextlib.contextmanager
+def modules_of(tree):
+    """Run another tree's code: its functions that import `model` lazily then find their own."""
+    if tree is None:
+        yield
+        return
+    saved = sys.modules["model"]
+    sys.modules["model"] = tree
+    try:
+        yield
+    finally:
+        sys.modules["model"] = saved
+
+
 def time_decode(engine, prompt, batch_size, args, seed):
     """Run one generation; returns (tokens of unfinished rows after the first column, seconds since the
-    first column): decode only, the prefill is not counted."""
-    tokens, start, finished = 0, None, set()
+    first column, the first row's tokens): decode only, the prefill is not counted."""
+    tokens, start, finished, first_row = 0, None, set(), []
     for column, _ in engine.generate(prompt, num_samples=batch_size, max_tokens=args.decode_tokens,
                                      temperature=args.temperature, top_k=args.top_k, seed=seed):
+        first_row.append(column[0])
         if start is None:
             start = time.perf_counter()
             continue
         tokens += sum(1 for i, token in enumerate(column) if i not in finished)
         finished.update(i for i, token in enumerate(column) if token in engine.stop_tokens)
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, first_row
+
+
+def bandwidth_ceiling(device, megabytes=256, repeats=5):
+    """GB/s of the best of a few fp32 matrix-vector products over `megabytes` of matrix: the memory bandwidth a
+    decode step (every weight read once) can reach at best on this machine, measured in the same run."""
+    n = int((megabytes * 2 ** 20 / 4) ** 0.5)
+    w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
+    w @ x
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        w @ x
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * 4 / best / 1e9
+
+
+def weight_bytes(gpt):
+    """Bytes of weights one decode step reads: every matrix once (embeddings: one row per token, left out)."""
+    matrices = [m for m in gpt.modules() if isinstance(m, torch.nn.Linear)]
+    total = 0
+    for m in matrices:
+        if isinstance(m, model.DecodeLinear):
+            total += m.qweight.numel() * m.qweight.element_size()
+        else:
+            rows = gpt.config.vocab_size if m is gpt.lm_head else m.weight.size(0)
+            total += rows * m.weight.size(1) * m.weight.element_size()
+    return total
+
+
+def decode_variants(args, base, tokenizer):
+    """name -> (engine, the tree's model module or None): --compare-with's engine first, then one per dtype."""
+    variants = {}
+    if args.compare_with:
+        old_model, old_common = import_tree(args.compare_with)
+        with modules_of(old_model):
+            old = old_model.build_gpt(old_model.GPTConfig(**vars(base.config)), base.get_device()).eval()
+        old.load_state_dict(base.state_dict())
+        variants[f"{args.compare_with} fp32"] = (old_common.Engine(old, tokenizer), old_model)
+    for dtype in args.decode_dtypes:
+        engine = common.Engine(copy.deepcopy(base), tokenizer, dtype)
+        variants.setdefault(f"this tree {engine.decode_dtype}", (engine, None))  # auto may repeat one
+    return variants
 
 
 def bench_decode(args):
-    """Decode tokens/s of the Engine per batch size (median of --repeats, interleaved A/B when comparing)."""
+    """Decode tokens/s of the Engine per batch size and weight dtype (median of --repeats, interleaved), with
+    the GB/s of weight reads next to the measured memory-bandwidth ceiling; --compare-with DIR times another
+    checkout's engine on the same weights in the same run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, prompt = decode_setup(args)
-    print(f"model: depth {args.depth}, n_embd {model.config.n_embd}, seq {args.seq_len}, vocab {args.vocab_size}, "
-          f"window {args.window_pattern}, dtype {next(model.parameters()).dtype}; device {next(model.parameters()).device}, "
+    base, tokenizer, prompt = decode_setup(args)
+    device = base.get_device()
+    c = base.config
+    print(f"model: depth {c.n_layer}, n_embd {c.n_embd}, seq {c.sequence_len}, vocab {c.vocab_size}, "
+          f"window {c.window_pattern}, dtype {next(base.parameters()).dtype}; device {device}, "
           f"{torch.get_num_threads()} threads; prompt {len(prompt)} tokens, {args.decode_tokens} decoded, "
-          f"temperature {args.temperature}, top-k {args.top_k}")
+          f"temperature {args.temperature}, top-k {args.top_k}; loadavg {open('/proc/loadavg').read().split()[:3]}")
     end = tokenizer.encode_special("<|assistant_end|>")
-    variants = {"engine": common.Engine(model, tokenizer)}
     if args.stops:  # finished rows leave the batch vs stay in it (the reference)
-        variants = {"drop finished": common.Engine(StopSometimes(model, end), tokenizer),
-                    "keep finished": common.Engine(StopSometimes(model, end), tokenizer)}
-        variants["keep finished"].drop_finished = False
-    medians = {}
+        variants = {"drop finished": (common.Engine(StopSometimes(base, end), tokenizer), None),
+                    "keep finished": (common.Engine(StopSometimes(base, end), tokenizer), None)}
+        variants["keep finished"][0].drop_finished = False
+    else:
+        variants = decode_variants(args, base, tokenizer)
+    ceilings, medians, firsts = [bandwidth_ceiling(device)], {}, {}
     for batch_size in args.batch_sizes:
-        for engine in variants.values():
-            time_decode(engine, prompt, batch_size, args, seed=-1)  # warm-up
+        for engine, tree in variants.values():
+            with modules_of(tree):
+                time_decode(engine, prompt, batch_size, args, seed=-1)  # warm-up
         rates = {name: [] for name in variants}
         for repeat in range(args.repeats):
-            for name, engine in variants.items():  # interleaved, so load changes hit every variant alike
-                tokens, seconds = time_decode(engine, prompt, batch_size, args, seed=repeat)
+            for name, (engine, tree) in variants.items():  # interleaved, so load changes hit every variant alike
+                with modules_of(tree):
+                    tokens, seconds, firsts[name] = time_decode(engine, prompt, batch_size, args, seed=repeat)
                 rates[name].append((tokens / seconds, seconds))
+        ceilings.append(bandwidth_ceiling(device))
+        reference = None
         for name, runs in rates.items():
             tok_s = sorted(r for r, _ in runs)
-            medians[(batch_size, name)] = statistics.median(tok_s)
-            print(f"batch {batch_size:>3} {name:>14}: {statistics.median(tok_s):7.1f} tokens/s median "
-                  f"(min {tok_s[0]:.1f}, max {tok_s[-1]:.1f}; {statistics.median(s for _, s in runs):.2f} s per run)")
+            median = medians[(batch_size, name)] = statistics.median(tok_s)
+            reference = reference or median
+            engine = variants[name][0]
+            gb_s = weight_bytes(engine.model.model if args.stops else engine.model) * median / batch_size / 1e9
+            same = next((i for i, (a, b) in enumerate(zip(firsts[name], next(iter(firsts.values())))) if a != b),
+                        len(firsts[name]))
+            print(f"batch {batch_size:>3} {name:>24}: {median:7.1f} tokens/s median ({median / reference:.2f}x; min "
+                  f"{tok_s[0]:.1f}, max {tok_s[-1]:.1f}), weight reads {gb_s:5.1f} GB/s; first row's tokens equal to "
+                  f"the first variant's for {same}/{len(firsts[name])}")
+    if args.stage:  # what each dtype costs: bits per byte on the validation split, same batches for all
+        for name, (engine, tree) in variants.items():
+            batches = common.bestfit_batches(tokenizer, 8, base.config.sequence_len, "val", device)
+            with modules_of(tree), torch.inference_mode():
+                bpb = common.evaluate_bpb(engine.model, batches, args.bpb_steps, common.get_token_bytes(device))
+            batches.close()
+            print(f"{name:>24}: val bpb {bpb:.5f} over {args.bpb_steps} batches of 8 x {base.config.sequence_len}")
+    print(f"memory-bandwidth ceiling (fp32 matrix-vector product, 256 MB): {max(ceilings):.1f} GB/s "
+          f"(min {min(ceilings):.1f} over the run); loadavg {open('/proc/loadavg').read().split()[:3]}")
     return medians  # tokens/s by (batch size, variant)
 
 
@@ -230,6 +336,13 @@ def add_decode_parser(sub):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-dtypes", type=lambda s: s.split(","), default=["fp32", "auto"],
+                   help="weight dtypes to time, comma-separated (model.DECODE_DTYPES)")
+    p.add_argument("--stage", default="", help="time a saved checkpoint (base|sft|rl) instead of random weights "
+                   "and print each dtype's validation bits per byte")
+    p.add_argument("--bpb-steps", type=int, default=8, help="validation batches for the bpb of each dtype (--stage)")
+    p.add_argument("--compare-with", default="", help="another checkout (e.g. `git worktree add /tmp/old f3ddfd2`): "
+                   "its engine on the same weights, timed first in each round")
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
                    "rows from the batch with keeping them (the reference), by useful tokens/s")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -301,99 +414,120 @@ import json
 import threading
 
 
-def first_token_seconds(port, path, body):
-    """Seconds from sending a streaming chat request to the first event that carries reply text."""
+def stream_request(port, body):
+    """One streaming OpenAI request: -> (seconds to the first reply text, seconds to the last, reply tokens)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    response, first = conn.getresponse(), None
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response, first, last, tokens = conn.getresponse(), None, None, 0
     assert response.status == 200, response.read()
-    for line in response:  # read to the end: the next request then finds the replica free
-        if first is None and line.startswith(b"data: {"):
-            event = json.loads(line[6:])
-            if event.get("token") or any(c["delta"].get("content") for c in event.get("choices", [])):
-                first = time.perf_counter() - start
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk["choices"][0]["delta"].get("content") or chunk["choices"][0]["finish_reason"]:
+            first = first or time.perf_counter() - start
+            last = time.perf_counter() - start
     conn.close()
-    return first
+    return first, last, tokens
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def bench_serve(args):
-    """Time to first token through serve.py (in-process, 127.0.0.1, one replica) for both streaming protocols,
-    next to the engine's own time to first token, so the HTTP layer's share is visible. --clients N sends N
-    requests at once: all but the first wait for the replica, as they would on a busy server."""
+    """serve.py in-process on 127.0.0.1 with one replica, batching off (--max-batch 1: one request at a time)
+    and on, at each --clients count: every client sends --repeats streaming requests back to back. Prints the
+    aggregate reply tokens/s, p50 and p95 time to first token and p50 time per output token (from the first
+    reply text to the last, per token after the first), and the engine's own time to first token without HTTP."""
     import serve
     if args.stage:
-        model, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
+        gpt, tokenizer, _ = common.load_model(args.stage, args.device_type or common.autodetect_device_type())
     else:
-        model, tokenizer, _ = decode_setup(args)
-    replica = serve.Replica(0, model, tokenizer)
-    server = serve.make_server([replica], "127.0.0.1", 0, max_tokens=args.decode_tokens)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+        gpt, tokenizer, _ = decode_setup(args)
+    dtype = model.set_decode_dtype(gpt, args.decode_dtype)
+    max_batch = args.max_batch or serve.default_max_batch(gpt)
+    servers = {"one at a time": serve.make_server([serve.Replica(0, gpt, tokenizer, max_batch=1, max_queue=1024)],
+                                                   "127.0.0.1", 0, max_tokens=args.decode_tokens),
+               f"batched ({max_batch} rows)": serve.make_server(
+                   [serve.Replica(0, gpt, tokenizer, max_batch=max_batch, max_queue=1024)], "127.0.0.1", 0,
+                   max_tokens=args.decode_tokens)}
+    for server in servers.values():
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     text = "hello" * max(1, args.prompt_tokens // len(tokenizer.encode(" hello")))  # ~--prompt-tokens tokens
     messages = [{"role": "user", "content": text.replace("hello", " hello")[:serve.MAX_MESSAGE_CHARS]}]
-    prompt = common.build_chat_prompt(tokenizer, messages, model.config.sequence_len, args.decode_tokens)[0]
-    print(f"model: {model.config}; device {replica.device}, {torch.get_num_threads()} threads; prompt {len(prompt)} "
-          f"tokens; replies of {args.decode_tokens} tokens; {args.clients} client(s) at once; median of {args.repeats}")
+    prompt = common.build_chat_prompt(tokenizer, messages, gpt.config.sequence_len, args.decode_tokens)[0]
+    print(f"model: {gpt.config}; {dtype} decode weights; device {gpt.get_device()}, {torch.get_num_threads()} "
+          f"threads; prompt {len(prompt)} tokens; replies of {args.decode_tokens} tokens (temperature 0.8, top-k 50); "
+          f"{args.repeats} request(s) per client; loadavg {open('/proc/loadavg').read().split()[:3]}")
+    engine = servers["one at a time"].replicas[0].engine
+    start = time.perf_counter()
+    next(iter(engine.generate(prompt, 1, args.decode_tokens, temperature=0.8, top_k=50)))
+    engine_first = time.perf_counter() - start
+    print(f"engine alone, no HTTP: time to first token {engine_first * 1000:.0f} ms")
+    body = {"messages": messages, "stream": True, "temperature": 0.8, "top_k": 50, "max_tokens": args.decode_tokens,
+            "stream_options": {"include_usage": True}}
+    for server in servers.values():
+        stream_request(server.server_address[1], body)  # warm-up
+    results = {}
+    for clients in args.clients:
+        for name, server in servers.items():
+            requests = []
 
-    def engine_first_token():  # in a fresh thread, like a request handler (torch's CPU threading differs)
-        times = []
-
-        def run():
+            def client():
+                for _ in range(args.repeats):
+                    requests.append(stream_request(server.server_address[1], body))
+            threads = [threading.Thread(target=client) for _ in range(clients)]
             start = time.perf_counter()
-            next(iter(replica.engine.generate(prompt, 1, args.decode_tokens, temperature=0.8, top_k=50)))
-            times.append(time.perf_counter() - start)
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-        return times[0]
-
-    body = {"messages": messages, "stream": True}
-    runs = {"engine, no HTTP": engine_first_token,
-            "POST /chat/completions": lambda: first_token_seconds(port, "/chat/completions", body),
-            "POST /v1/chat/completions": lambda: first_token_seconds(port, "/v1/chat/completions", body)}
-    for run in runs.values():
-        run()  # warm-up
-    results = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():  # interleaved, so load changes hit every variant alike
-            if args.clients == 1 or name.startswith("engine"):
-                results[name].append(run())
-                continue
-            times = []
-            threads = [threading.Thread(target=lambda: times.append(run())) for _ in range(args.clients)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            results[name] += times
-    for name, times in results.items():
-        times.sort()
-        print(f"{name:>26}: time to first token {statistics.median(times) * 1000:8.1f} ms median "
-              f"(min {times[0] * 1000:.1f}, max {times[-1] * 1000:.1f})")
-    server.shutdown()
-    server.server_close()
-    return {name: statistics.median(times) for name, times in results.items()}  # seconds to the first token
+            seconds = time.perf_counter() - start
+            tokens = sum(n for _, _, n in requests)
+            firsts = [first for first, _, _ in requests]
+            gaps = [(last - first) / (n - 1) for first, last, n in requests if n > 1]
+            results[(clients, name)] = dict(tok_s=tokens / seconds, ttft_p50=percentile(firsts, 0.5),
+                                            ttft_p95=percentile(firsts, 0.95), tpot_p50=percentile(gaps, 0.5))
+            r = results[(clients, name)]
+            print(f"{clients:>3} clients, {name:>20}: {r['tok_s']:7.1f} tokens/s aggregate, time to first token p50 "
+                  f"{r['ttft_p50'] * 1000:6.0f} ms, p95 {r['ttft_p95'] * 1000:6.0f} ms; time per output token p50 "
+                  f"{r['tpot_p50'] * 1000:5.1f} ms", flush=True)
+        off, on = (results[(clients, name)]["tok_s"] for name in servers)
+        print(f"{clients:>3} clients: batching gives {on / off:.2f}x the aggregate tokens/s of one at a time")
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+    print(f"loadavg {open('/proc/loadavg').read().split()[:3]}")
+    first_batched = results[(args.clients[0], list(servers)[1])]
+    return {"engine, no HTTP": engine_first, "POST /v1/chat/completions": first_batched["ttft_p50"], **{
+        f"{clients} clients, {name}": r for (clients, name), r in results.items()}}
 
 
 def add_serve_parser(sub):
-    p = sub.add_parser("serve", help="time to first token through serve.py (defaults: the CPU demo model)")
+    p = sub.add_parser("serve", help="serve.py under concurrent clients, batching off and on (defaults: the CPU "
+                       "demo model)")
     p.add_argument("--stage", default="", help="serve a saved checkpoint (base|sft|rl) instead of random weights")
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--window-pattern", default="L")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--clients", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--clients", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--repeats", type=int, default=2, help="requests each client sends, one after the other")
+    p.add_argument("--max-batch", type=int, default=0, help="rows of the batched server (0: serve.py's default)")
+    p.add_argument("--decode-dtype", default="auto", choices=model.DECODE_DTYPES)
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_serve)
 
 
 # ---- gpu: one command that checks a GPU ----
-import contextlib
 import gc
 import pathlib
 import subprocess

@@ -18,7 +18,7 @@ import torch
 
 from common import (Engine, NanochatError, Utf8Streamer, add_sampling_flags, argument_parser, build_chat_prompt, compute_init, float_flag,
                     int_flag, load_model, reply_to_content)
-from model import COMPUTE_DTYPE
+from model import DECODE_DTYPES
 
 HELP = "commands: /clear  /temperature v  /topk v  /maxtokens n  /help  /quit"
 
@@ -32,6 +32,9 @@ def parse_args():
     add_sampling_flags(parser, temperature=0.6)
     parser.add_argument("-m", "--max-tokens", type=int_flag(1), default=512,
                         help="longest reply, in tokens (at most what the model's context leaves)")
+    parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
+                        help="weight precision for decoding (auto: int8a8 on a CPU for matrices over 32 MB, "
+                             "else the compute dtype)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
     return parser.parse_args()
 
@@ -102,9 +105,7 @@ def main():
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation itself
         _, _, _, _, device = compute_init(args.device_type)
         model, tokenizer, _ = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    if COMPUTE_DTYPE != torch.float32:  # inference only: cast the fp32 master weights once, not in every matmul
-        model.to(COMPUTE_DTYPE)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, args.decode_dtype)  # inference only: weights stored for decoding once
     settings = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     messages = []
     if args.prompt is not None:

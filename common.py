@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import load_gpt, sample_next_token
+from model import load_gpt, sample_next_token, sampling_probs, set_decode_dtype
 
 
 # ======== 1. Run setup ============================================================================
@@ -2247,17 +2247,25 @@ class Engine:
     The prompt is run once on a batch-1 cache, copied into `num_samples` rows that then sample
     independently. A row stops at <|assistant_end|> or <|bos|> and leaves the batch (its cache rows are
     dropped), so finished samples stop costing compute. When a row writes <|python_start|>expr<|python_end|>
-    the engine runs use_calculator(expr) and forces <|output_start|>result<|output_end|> into that row."""
+    the engine runs use_calculator(expr) and forces <|output_start|>result<|output_end|> into that row.
+    DecodeBatch runs the same steps (prefill, sample, next_token, step) for requests that come and go.
+    decode_dtype (model.DECODE_DTYPES) stores the model's matrices for inference in that precision first."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, decode_dtype=None):
         self.model, self.tokenizer = model, tokenizer
+        self.decode_dtype = set_decode_dtype(model, decode_dtype) if decode_dtype else None
         self.stop_tokens = ReplyParser(tokenizer).stops
         self.output_start, self.output_end = (tokenizer.encode_special(f"<|output_{s}|>") for s in ("start", "end"))
         self.drop_finished = True  # False: finished rows stay in the batch, as in the reference (bench.py A/B)
 
+    def new_row(self, rng, temperature=1.0, top_k=None, top_p=None):
+        """The state of one sample: its reply parser, tokens to force, terminal token, sampling settings."""
+        return {"parser": ReplyParser(self.tokenizer), "forced": collections.deque(), "done": None, "rng": rng,
+                "sampling": (temperature, top_k, top_p)}
+
     def next_token(self, row, sampled):
         """Pick this row's token (a forced tool token wins over the sample) and advance its parser.
-        Returns (token, mask) with mask 0 for forced tokens. row: {"parser", "forced", "done"}."""
+        Returns (token, mask) with mask 0 for forced tokens."""
         token, mask = (row["forced"].popleft(), 0) if row["forced"] else (sampled, 1)
         what = row["parser"].push(token)
         if what == "stop":
@@ -2267,6 +2275,39 @@ class Engine:
             if result is not None:
                 row["forced"].extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
         return token, mask
+
+    def prefill(self, tokens):
+        """Run a prompt on a batch-1 cache of its length: -> (next-token logits (1, V), the cache)."""
+        cache = self.model.new_kv_cache(1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
+        return self.model(ids, kv_cache=cache)[:, -1, :], cache
+
+    def sample(self, logits, rows):
+        """(B, V) logits -> B token ids, each row with its own settings and generator. Rows with the same
+        settings share the top-k and softmax; each draws from its own generator (one draw for rows sharing
+        one, the samples of a prompt), so a row gets what it would get alone."""
+        groups = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row["sampling"] if row["sampling"][0] else "greedy", []).append(i)
+        if len(groups) == 1 and len({id(row["rng"]) for row in rows}) == 1:
+            return sample_next_token(logits, rows[0]["rng"], *rows[0]["sampling"]).tolist()
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for settings, indices in groups.items():
+            index = torch.tensor(indices, device=logits.device)
+            group = logits if len(indices) == len(rows) else logits[index]
+            if settings == "greedy":
+                tokens[index] = group.argmax(dim=-1)
+                continue
+            probs, ids = sampling_probs(group, *settings)
+            choice = torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=rows[i]["rng"])
+                                for j, i in enumerate(indices)])
+            tokens[index] = (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+        return tokens.tolist()
+
+    def step(self, tokens, cache):
+        """One decode step: each row's last token in, its next-token logits (B, V) out."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.model.get_device())[:, None]
+        return self.model(ids, kv_cache=cache)[:, -1, :]
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
@@ -2279,17 +2320,15 @@ class Engine:
             max_tokens = max(self.model.config.sequence_len - len(tokens), 0)
         if max_tokens <= 0:
             return
-        prompt_cache = self.model.new_kv_cache(1, len(tokens))
-        logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prompt_cache)
-        logits = logits[:, -1, :].expand(num_samples, -1)
+        logits, prompt_cache = self.prefill(tokens)
+        logits = logits.expand(num_samples, -1)
         cache = self.model.new_kv_cache(num_samples, len(tokens) + max_tokens)
         cache.prefill(prompt_cache)
         del prompt_cache
-        rows = [{"parser": ReplyParser(self.tokenizer), "forced": collections.deque(), "done": None}
-                for _ in range(num_samples)]
+        rows = [self.new_row(rng, temperature, top_k, top_p) for _ in range(num_samples)]  # one generator
         active = list(range(num_samples))  # rows still sampling, in the order of the cache's batch
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
+            sampled = self.sample(logits, [rows[i] for i in active])
             column = [(row["done"], 0) for row in rows]
             for i, sample in zip(active, sampled):
                 if rows[i]["done"] is None:
@@ -2301,8 +2340,7 @@ class Engine:
             if len(still) < len(active) and self.drop_finished:
                 cache.keep_rows(torch.tensor(still, device=device))
                 active = [active[j] for j in still]
-            ids = torch.tensor([[column[i][0]] for i in active], dtype=torch.long, device=device)
-            logits = self.model(ids, kv_cache=cache)[:, -1, :]
+            logits = self.step([column[i][0] for i in active], cache)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Generate to completion. Returns (sequences, masks): each sequence is the prompt plus that sample's
@@ -2319,6 +2357,65 @@ class Engine:
                 masks[i].append(mask)
         return sequences, masks
 
+
+
+class DecodeBatch:
+    """Continuous batching: requests decode together in one batch of rows at different positions; a request
+    joins between two steps (its prompt prefilled alone, copied into a free row) and leaves the moment it
+    ends, hits its max_tokens or is dropped, freeing its row for the next. Each row keeps its own sampling
+    settings, generator (seeded: the tokens it would get alone, up to float rounding), reply parser and
+    calculator. Not thread-safe: one thread owns a batch (serve.py: one per replica)."""
+
+    def __init__(self, engine, max_rows, seq_len=None):
+        self.engine, self.max_rows = engine, max_rows
+        self.seq_len = seq_len or engine.model.config.sequence_len
+        self.cache = engine.model.new_kv_cache(max_rows, self.seq_len)
+        self.rows, self.logits = [], None  # rows in the cache's order; their next-token logits (B, V)
+
+    @torch.inference_mode()
+    def join(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Prefill a prompt and add it as a row; returns the row (a dict: "done" is set when it stops)."""
+        if len(self.rows) >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        if not 0 < len(tokens) < self.seq_len:
+            raise ValueError(f"a prompt of {len(tokens)} tokens does not fit a context of {self.seq_len}")
+        logits, prompt_cache = self.engine.prefill(tokens)
+        rng = torch.Generator(device=self.engine.model.get_device()).manual_seed(seed)
+        row = self.engine.new_row(rng, temperature, top_k, top_p)
+        row["left"] = min(max_tokens, self.seq_len - len(tokens))  # tokens it may still generate
+        self.cache.set_row(len(self.rows), prompt_cache, len(self.rows) + 1)
+        self.rows.append(row)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        return row
+
+    @torch.inference_mode()
+    def leave(self, row):
+        """Drop a row (finished, or its client left): the last row moves into its place."""
+        i, last = self.rows.index(row), len(self.rows) - 1
+        if i != last:
+            self.cache.move_row(last, i, last)
+            self.rows[i] = self.rows[last]
+            self.logits[i] = self.logits[last]
+        self.rows.pop()
+        self.logits = self.logits[:last] if last else None
+        self.cache.use_rows(last)
+
+    @torch.inference_mode()
+    def step(self):
+        """Sample one token for every row: -> [(row, token, mask)]. Rows that finish leave; the rest run one
+        decode step together."""
+        sampled = self.engine.sample(self.logits, self.rows)
+        results = []
+        for row, sample in zip(self.rows, sampled):
+            token, mask = self.engine.next_token(row, sample)
+            row["left"] -= 1
+            row["last"] = token
+            results.append((row, token, mask))
+        for row in [row for row in self.rows if row["done"] is not None or row["left"] <= 0]:
+            self.leave(row)
+        if self.rows:
+            self.logits = self.engine.step([row["last"] for row in self.rows], self.cache)
+        return results
 
 # ======== 8. Evaluation: bits per byte, CORE, chat tasks ==========================================
 

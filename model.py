@@ -16,7 +16,8 @@ then averages the gradients itself (ZeRO-2: reduce-scatter, each rank updates a 
 DistributedDataParallel. torch.compile(gpt) works too (the chunked loss stays eager).
 Parameter names equal the reference nanochat's state-dict keys; load_gpt also reads its checkpoints. With
 enable_fp8(gpt) the block matrices train in fp8 (CUDA capability 8.9+, or slowly on the CPU); fp8_disabled(gpt)
-for evaluation.
+for evaluation. For inference, set_decode_dtype(gpt, "int8") stores the matrices in int8 (or bf16), and a KVCache
+can hold rows at different positions (continuous batching: KVCache.set_row, move_row).
 """
 import contextlib
 import ctypes
@@ -73,14 +74,17 @@ FA3 = _load_flash_attention_3()
 USE_FA3 = FA3 is not None and COMPUTE_DTYPE == torch.bfloat16
 
 
-def attention(q, k, v, window, impl=None):
+def attention(q, k, v, window, impl=None, lengths=None):
     """Causal attention of q (B, Tq, H, hd) over k, v (B, Tk, Hkv, hd); the queries are the last Tq of the Tk
     positions. A query sees the keys at most `window` positions back (window >= Tk-1: the whole prefix).
     Returns (B, Tq, H, hd). impl: None (automatic), "fa3", "flex" (windowed layers through FlexAttention; chosen
-    on CUDA without FA3 when training) or "sdpa"."""
+    on CUDA without FA3 when training) or "sdpa". lengths (B,): rows at different positions (decoding, Tq 1):
+    row b's query is its position lengths[b]-1 and sees only its first lengths[b] keys."""
     impl = impl or ("fa3" if USE_FA3 else "flex" if FLEX_ON_CUDA and q.is_cuda and q.requires_grad else "sdpa")
     Tq, Tk = q.size(1), k.size(1)
     full = window >= Tk - 1
+    if lengths is not None:
+        return _ragged_decode_attention(q, k, v, window, impl, lengths)
     if impl == "fa3":
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=(-1 if full else window, 0))
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
@@ -101,6 +105,18 @@ def attention(q, k, v, window, impl=None):
         cols = torch.arange(Tk, device=q.device)[None, :]
         mask = (cols <= rows) & (rows - cols <= window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _ragged_decode_attention(q, k, v, window, impl, lengths):
+    """One query per row, rows at different positions: FA3 takes per-row cache lengths, SDPA a (B, 1, 1, Tk) mask."""
+    if impl == "fa3":
+        out = FA3.flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths.int(), causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out
+    cols = torch.arange(k.size(1), device=q.device)[None, :]
+    mask = (cols < lengths[:, None]) & (cols >= lengths[:, None] - 1 - window)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 
@@ -216,13 +232,24 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm, then a slightly sharper softmax than 1/sqrt(hd)
+        lengths = None
         if kv_cache is not None:  # write this chunk into the cache, attend over everything cached so far
-            pos = kv_cache.pos
-            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
-            k_cache[:, pos:pos + T] = k
-            v_cache[:, pos:pos + T] = v
-            k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
-        y = attention(q, k, v, window)
+            pos, positions = kv_cache.pos, kv_cache.positions
+            # the first B rows: a continuous batch's cache holds spare ones
+            k_cache, v_cache = (c[:B] for c in kv_cache.get_layer_cache(self.layer_idx))
+            if positions is None:
+                k_cache[:, pos:pos + T] = k
+                v_cache[:, pos:pos + T] = v
+            else:  # rows at different positions (T is 1): each row writes at its own
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, positions] = k[:, 0]
+                v_cache[rows, positions] = v[:, 0]
+                lengths = positions + 1
+            if positions is not None and USE_FA3:
+                k, v = k_cache, v_cache  # FA3 reads the cache whole, up to each row's length
+            else:
+                k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
+        y = attention(q, k, v, window, lengths=lengths)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -379,7 +406,11 @@ class GPT(nn.Module):
                              f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
         if kv_cache is not None and pos + T > kv_cache.k_cache.size(2):
             raise ValueError(f"the KV cache holds {kv_cache.k_cache.size(2)} positions, {pos + T} needed")
-        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        if kv_cache is not None and kv_cache.set_positions(B, T) is not None:  # rows at different positions
+            positions = kv_cache.positions
+            cos, sin = self.cos[0, positions].unsqueeze(1), self.sin[0, positions].unsqueeze(1)  # (B, 1, 1, hd)
+        else:
+            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)
         x0, x_backout, L = x, None, self.config.n_layer
@@ -392,6 +423,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
+        if isinstance(self.lm_head, DecodeLinear):  # decode weights (set_decode_dtype), the padding cropped
+            logits = softcap(self.lm_head(x).float())
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
         weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
         if targets is None:
             return softcap(F.linear(x, weight.to(x.dtype)).float())
@@ -404,6 +440,11 @@ class GPT(nn.Module):
         """Add to each position a gated share of the previous position's (pre-smear) embedding.
         With a KV cache, the last embedding of the previous chunk is kept in the cache for the next one."""
         prev = kv_cache.prev_embedding if kv_cache is not None else None
+        if prev is not None and prev.size(0) > x.size(0):  # a batch with spare rows: keep its row slots
+            shifted = torch.cat([prev[:x.size(0)].to(x.dtype), x[:, :-1]], dim=1)
+            prev[:x.size(0)] = x[:, -1:]
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
+            return x + gate * shifted
         if kv_cache is not None:
             kv_cache.prev_embedding = x[:, -1:].clone()
         if prev is not None:
@@ -432,11 +473,89 @@ class GPT(nn.Module):
             yield next_id.item()
 
 
+class DecodeLinear(Linear):
+    """A Linear for inference with lower-precision weights: "bf16" (weights in bfloat16), "int8" (weight-only
+    int8, one scale per output channel, multiplied by torch's int8 weight-only kernel on bf16 activations) or
+    "int8a8" (the same weights times activations quantized to int8 per row, one int8 matmul: on CPUs with
+    VNNI ~4x faster than the weight-only kernel at 8 rows, which dequantizes the weights again for every row).
+    Decoding reads every weight once per step, so fewer bytes per weight is what makes it faster."""
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1))
+        if self.dtype == "int8a8":  # activations quantized too, one scale per row: an int8 x int8 matmul
+            row_scales = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+            y = torch._int_mm((rows / row_scales).round_().to(torch.int8), self.qweight.t()) * (row_scales * self.scales)
+        elif self.dtype == "int8":
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scales)
+        else:
+            y = F.linear(rows.to(torch.bfloat16), self.qweight)
+        return y.view(*x.shape[:-1], y.size(-1)).to(x.dtype)
+
+
+DECODE_DTYPES = ("auto", "fp32", "bf16", "int8", "int8a8")
+
+
+def default_decode_dtype(gpt):
+    """int8a8 on the CPU for models whose fp32 matrices outgrow the caches (over 32 MB), where decoding is bound
+    by reading them: on d6 with vocab 32768 (93 MB; bench.py decode, one thread, loadavg 4.5) 1.64x the fp32
+    tokens/s at batch 1 and 2.04x at batch 8 (weight-only int8: 1.53x, 1.40x); on a d4 trained 300 steps its val
+    bpb was 2.83017 against fp32's 2.83036, greedy tokens identical. A smaller model is read from cache and fp32
+    is faster (d4 with vocab 4096, 17 MB: 2.0 ms a step in fp32, 4.8 ms in int8). On GPUs the compute dtype."""
+    matrices = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear)] + [gpt.lm_head]
+    big = sum(m.weight.numel() for m in matrices) * 4 > 32 * 2 ** 20
+    if gpt.get_device().type == "cpu" and big and gpt.config.n_embd % 64 == 0:
+        return "int8a8"
+    return "bf16" if COMPUTE_DTYPE == torch.bfloat16 else "fp32"
+
+
+@torch.no_grad()
+def set_decode_dtype(gpt, dtype="auto"):
+    """Store gpt's matrices (blocks and lm_head, cropped to the vocab) for inference in `dtype` (DECODE_DTYPES):
+    the model can no longer train. "fp32": the matrices as they are. Where the compute dtype is not fp32 (GPUs),
+    the whole model is first cast to it once, not in every matmul. Returns the dtype chosen; "int8" needs a
+    model width that is a multiple of 64. Greedy tokens may change where the top two logits nearly tie; bench.py
+    decode prints what each dtype costs in bits per byte."""
+    if dtype not in DECODE_DTYPES:
+        raise ValueError(f"decode dtype {dtype!r} is not one of {', '.join(DECODE_DTYPES)}")
+    dtype = default_decode_dtype(gpt) if dtype == "auto" else dtype
+    if dtype == "int8a8" and gpt.get_device().type != "cpu":  # CUDA's int8 x int8 matmul wants 17+ rows
+        raise ValueError("decode dtype int8a8 runs on the CPU only: use bf16 on a GPU")
+    if dtype.startswith("int8") and gpt.config.n_embd % 64:  # torch's CPU int8 kernel crashes on some input widths
+        raise ValueError(f"decode dtype int8 needs a model width that is a multiple of 64, not {gpt.config.n_embd}: "
+                         f"use bf16 or fp32")
+    if COMPUTE_DTYPE != torch.float32:
+        gpt.to(COMPUTE_DTYPE)
+    if dtype == "fp32":
+        return dtype
+    # the matrices, not the small gates: torch's CPU int8 kernel crashes on input widths like 12 or 60
+    layers = [m for m in gpt.transformer.h.modules() if isinstance(m, Linear) and m.in_features % 64 == 0]
+    layers.append(gpt.lm_head)
+    for m in layers:
+        weight = m.weight[:gpt.config.vocab_size] if m is gpt.lm_head else m.weight
+        del m.weight
+        if dtype.startswith("int8"):
+            scales = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+            m.register_buffer("qweight", (weight.float() / scales[:, None]).round().to(torch.int8))
+            m.register_buffer("scales", scales.to(torch.bfloat16 if dtype == "int8" else torch.float32))
+        else:
+            m.register_buffer("qweight", weight.to(torch.bfloat16))
+        m.dtype = dtype
+        m.__class__ = DecodeLinear
+    return dtype
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens,
     top_p the smallest set of them whose probability reaches p; draws come from the seeded `rng`."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    probs, ids = sampling_probs(logits, temperature, top_k, top_p)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def sampling_probs(logits, temperature, top_k=None, top_p=None):
+    """What sample_next_token draws from: (probabilities (B, k), their token ids (B, k) or None for all V)."""
     ids = None
     if top_k is not None and 0 < top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
@@ -447,8 +566,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         probs = F.softmax(logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it: kept
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
-    choice = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=rng)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+    return F.softmax(logits, dim=-1), ids
 
 
 def build_gpt(config, device):
@@ -560,19 +678,36 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Keys and values of every layer, laid out (layers, batch, time, kv_heads, head_dim), plus the smear state."""
+    """Keys and values of every layer, laid out (layers, batch, time, kv_heads, head_dim), plus the smear state.
+    A forward of B rows uses the first B; they may sit at different positions (continuous batching: see
+    set_row, move_row), each row's length in cache_seqlens and, on the host, in lengths."""
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.pos = 0  # same as cache_seqlens[0], kept on the host to avoid a device sync per layer
+        self.lengths = [0] * batch_size  # cache_seqlens on the host: no device sync per step
+        self.pos = 0  # the longest of the rows in use, where a forward of equal-length rows writes
+        self.positions = None  # (B,) long, during a forward of rows at different positions
         self.prev_embedding = None  # (batch, 1, n_embd): normalized embedding of the last token seen
 
     def reset(self):
         self.cache_seqlens.zero_()
+        self.lengths = [0] * len(self.lengths)
         self.pos = 0
         self.prev_embedding = None
+
+    def set_positions(self, B, T):
+        """Before a forward of the first B rows: their positions as a tensor when they differ (T must be 1), else
+        None, the fast path of equal lengths, which is also every training and single-prompt forward."""
+        lengths = self.lengths[:B]
+        if min(lengths) == max(lengths):
+            self.positions = None
+        elif T != 1:
+            raise ValueError(f"rows at different positions decode one token at a time, got {T}")
+        else:
+            self.positions = self.cache_seqlens[:B].long()
+        return self.positions
 
     def get_pos(self):
         return self.pos
@@ -582,6 +717,7 @@ class KVCache:
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        self.lengths = [n + num_tokens for n in self.lengths]
         self.pos += num_tokens
 
     def prefill(self, other):
@@ -594,6 +730,7 @@ class KVCache:
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
         self.cache_seqlens.fill_(n)
+        self.lengths = [n] * len(self.lengths)
         self.pos = n
         prev = other.prev_embedding
         self.prev_embedding = None if prev is None else prev.expand(self.k_cache.size(1), -1, -1).clone()
@@ -603,8 +740,39 @@ class KVCache:
         self.k_cache = self.k_cache.index_select(1, rows)
         self.v_cache = self.v_cache.index_select(1, rows)
         self.cache_seqlens = self.cache_seqlens.index_select(0, rows)
+        self.lengths = [self.lengths[i] for i in rows.tolist()]
         if self.prev_embedding is not None:
             self.prev_embedding = self.prev_embedding.index_select(0, rows)
+
+    def set_row(self, row, other, rows_in_use):
+        """Put a batch-1 cache's filled prefix (a prefilled prompt) into `row`, next to rows at other positions;
+        rows_in_use: how many rows the next forward runs (row included)."""
+        n = other.pos
+        if n > self.k_cache.size(2):
+            raise ValueError(f"prefix of {n} tokens does not fit a cache of {self.k_cache.size(2)}")
+        self.k_cache[:, row, :n] = other.k_cache[:, 0, :n]
+        self.v_cache[:, row, :n] = other.v_cache[:, 0, :n]
+        self.cache_seqlens[row] = n
+        self.lengths[row] = n
+        if self.prev_embedding is None:
+            prev = other.prev_embedding
+            self.prev_embedding = prev.new_zeros((self.k_cache.size(1), *prev.shape[1:]))
+        self.prev_embedding[row] = other.prev_embedding[0]
+        self.use_rows(rows_in_use)
+
+    def move_row(self, src, dst, rows_in_use):
+        """Row src takes the place of row dst (which is freed): keeps the rows in use at the front."""
+        n = self.lengths[src]
+        self.k_cache[:, dst, :n] = self.k_cache[:, src, :n]
+        self.v_cache[:, dst, :n] = self.v_cache[:, src, :n]
+        self.cache_seqlens[dst] = n
+        self.lengths[dst] = n
+        self.prev_embedding[dst] = self.prev_embedding[src]
+        self.use_rows(rows_in_use)
+
+    def use_rows(self, count):
+        """The next forward runs the first `count` rows: it writes at the longest one's position."""
+        self.pos = max(self.lengths[:count], default=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

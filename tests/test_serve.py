@@ -221,7 +221,8 @@ def test_health_stats_models_and_page(server):
     assert health["available_workers"] == 2 and health["defaults"]["max_tokens"] == 16
     s = stats(server)
     assert (s["total_workers"], s["available_workers"], s["busy_workers"]) == (2, 2, 0)
-    assert s["workers"] == [{"gpu_id": 0, "device": "cpu"}, {"gpu_id": 1, "device": "cpu"}]
+    assert [{k: w[k] for k in ("gpu_id", "device", "decoding", "waiting")} for w in s["workers"]] == [
+        {"gpu_id": 0, "device": "cpu", "decoding": 0, "waiting": 0}, {"gpu_id": 1, "device": "cpu", "decoding": 0, "waiting": 0}]
     models = json.loads(request(server, "GET", "/v1/models")[2])
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     status, headers, page = request(server, "GET", "/?x=1")
@@ -298,6 +299,8 @@ BAD_REQUESTS = [  # (method, path, body | raw bytes, headers, status, param)
     ("GET", "/nope", None, None, 404, None),
     ("POST", "/v1/nope", OK, None, 404, None),
     ("GET", None, b"GET / / HTTP/1.1\r\n\r\n", None, 400, None),  # a malformed request line
+    ("POST", None, b"POST /chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}", None, 400, None),  # "²"
+    ("POST", "/chat/completions", b"[" * 100_000, None, 400, None),  # nesting that would exhaust the recursion
 ]
 
 
@@ -408,3 +411,102 @@ def test_command_line_serves_a_checkpoint_and_explains_a_missing_one(base_dir, t
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---- client mistakes that must not cost the server (no 5xx, no tracebacks, no endless heads) ----
+
+def test_clients_that_vanish_after_a_bad_request_leave_no_traceback(server, capsys):
+    for _ in range(20):  # the reset arrives before or after the server answers: either way no traceback
+        sock = socket.create_connection(server.server_address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
+        sock.sendall(b"POST /chat/completions HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n")
+        sock.close()
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        server.handle_error(None, ("10.0.0.1", 5))  # what socketserver calls when a handler raises
+    time.sleep(0.2)
+    assert "Traceback" not in capsys.readouterr().err
+    assert request(server, "GET", "/health")[0] == 200
+
+
+def test_a_request_head_trickling_in_is_cut_off_at_the_deadline(server, monkeypatch):
+    monkeypatch.setattr(serve, "HEAD_DEADLINE_S", 1.0)
+    sock = socket.create_connection(server.server_address, timeout=10)
+    start = time.time()
+    sock.sendall(b"POST /chat/completions HTTP/1.1\r\n")
+    closed = False
+    while time.time() - start < 5:
+        try:
+            sock.sendall(b"X-Slow: 1\r\n")  # one header line at a time, each well within the per-read timeout
+            sock.settimeout(0.3)
+            closed = sock.recv(1) == b""
+        except socket.timeout:
+            continue
+        except OSError:
+            closed = True
+        if closed:
+            break
+    assert closed and time.time() - start < 2.5
+    sock.close()
+
+
+# ---- continuous batching ----
+
+def batching_server(max_batch, max_queue=64, delay=0.0):
+    (replica,) = make_replicas(1)
+    replica = serve.Replica(0, replica.model, replica.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    replica.model.delay = delay
+    return start_server([replica], max_tokens=16, model_name="tiny")
+
+
+def test_concurrent_requests_get_the_tokens_they_get_alone():
+    server = batching_server(max_batch=4, delay=0.01)
+    bodies = [{"messages": [user("hi " * (1 + 3 * i))], "max_tokens": 8 + 4 * i, "temperature": (0, 1.0)[i % 2],
+               "seed": i, "top_k": (0, 30)[i % 2]} for i in range(6)]
+    def reply(body):
+        return json.loads(request(server, "POST", "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"]
+    expected = [reply(body) for body in bodies]  # one at a time
+    got, decoding = [None] * len(bodies), []
+
+    def client(i):
+        got[i] = reply(bodies[i])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        decoding.append(stats(server)["workers"][0]["decoding"])
+        time.sleep(0.01)
+    assert got == expected
+    assert max(decoding) > 1  # they really were decoded together
+    assert max(decoding) <= 4  # never more than --max-batch
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_dropped_client_frees_its_row():
+    server = batching_server(max_batch=1, max_queue=1, delay=0.01)
+    hog = socket.create_connection(server.server_address)
+    body = json.dumps({"messages": [user("go on")], "max_tokens": 4096}).encode()
+    hog.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    received = b""
+    while b"data: " not in received:  # the only row is taken
+        received += hog.recv(4096)
+    queued = {}
+    waiter = threading.Thread(target=lambda: queued.update(
+        response=request(server, "POST", "/chat/completions", {"messages": [user("me next")], "max_tokens": 3})))
+    waiter.start()
+    start = time.time()
+    while stats(server)["workers"][0]["waiting"] != 1:
+        assert time.time() - start < 5
+        time.sleep(0.01)
+    status, headers, payload = request(server, "POST", "/v1/chat/completions", OK)
+    assert status == 503 and headers["Retry-After"] == str(serve.RETRY_AFTER_S)
+    assert json.loads(payload)["error"]["type"] == "server_error"
+    hog.close()  # the client goes away: its row goes to the waiting request
+    waiter.join(timeout=10)
+    status, _, payload = queued["response"]
+    assert status == 200 and events(payload)[-1] == {"done": True}
+    assert stats(server)["workers"][0]["decoding"] == 0 and stats(server)["disconnects"] == 1
+    server.shutdown()
+    server.server_close()
