@@ -23,7 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled
+from model import (COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled,
+                   keep_freed_memory)
 from common import (NanochatError, add_stage_flags, argument_parser, bestfit_batches, float_flag, int_flag, compute_cleanup, compute_init, due,
                     evaluate_bpb, evaluate_core, format_duration, gather_states, get_peak_flops, get_token_bytes,
                     get_tokenizer, log_metrics, print0, report_section, resume_run, run_meta, sample_prompts, save_checkpoint,
@@ -220,6 +221,8 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     cuda = device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()  # a steady allocation pattern: reusing freed blocks saves page faults every step
     if args.device_batch_size == "auto" and not cuda:
         raise NanochatError("--device-batch-size auto probes GPU memory and needs CUDA: give a number instead")
     if args.fp8:

@@ -129,15 +129,16 @@ run_stage rl $LAUNCH "$HERE/rl.py" $RL
 run_stage rl_eval $LAUNCH "$HERE/evaluate.py" --stage rl $CHAT_EVAL
 # the end of the demo: the question the SFT data teaches most, answered by the RL model (greedy)
 QUESTION="How many r are in strawberry?"
-run_stage ask $PY "$HERE/chat.py" --stage rl -p "$QUESTION" -t 0 -m 64
+ask() { $PY "$HERE/chat.py" --stage rl -p "$QUESTION" -t 0 -m 64 > "$SR/reply.txt" && cat "$SR/reply.txt"; }
+run_stage ask ask
 run_stage report $PY -c "import sys; sys.path.insert(0, sys.argv[1]); import common
 common.report_section('Demo question', {'question (chat.py --stage rl -t 0)': sys.argv[2],
                                         'reply': open(sys.argv[3], encoding='utf-8').read().strip()})
-print('report card:', common.generate_report())" "$HERE" "$QUESTION" "$SR/ask.log"
+print('report card:', common.generate_report())" "$HERE" "$QUESTION" "$SR/reply.txt"
 
 total=0; for f in "$SR"/*.done; do total=$(( total + $(cat "$f") )); done
 say "all stages done in $(( total / 60 )) min $(( total % 60 )) s; report.md and report_curves.svg are in $(pwd)"
-echo "asked \"$QUESTION\", the RL model replied: $(cat "$SR/ask.log")"
+echo "asked \"$QUESTION\", the RL model replied: $(cat "$SR/reply.txt")"
 if [ "$PWD" = "$HERE" ]; then AT=""; else AT="$HERE/"; fi
 if [ "$USE_VENV" = 1 ]; then echo "first: source ${AT}.venv/bin/activate"; fi
 echo "chat in the terminal:  python ${AT}chat.py"

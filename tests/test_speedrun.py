@@ -105,7 +105,7 @@ def test_report_without_anything_still_renders(base_dir):
 # speedrun.sh
 # ---------------------------------------------------------------------------------------------
 
-STAGES = ["tokenizer", "pretrain", "base_eval", "sft", "sft_eval", "rl", "rl_eval", "report"]
+STAGES = ["tokenizer", "pretrain", "base_eval", "sft", "sft_eval", "rl", "rl_eval", "ask", "report"]
 
 
 def run_speedrun(cwd, timeout, **env_vars):
@@ -207,6 +207,11 @@ def test_speedrun_micro_end_to_end(http_mirror, base_dir, tmp_path):
     svg = ET.parse(tmp_path / "report_curves.svg").getroot()
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("font-weight") == "bold"]
     assert {"base d2: loss", "base d2: val_bpb", "sft d2: loss", "rl d2: reward"} <= set(titles), titles
+    # the demo ends with the RL model's answer to one question, in the output and in the report card
+    reply = (base_dir / "speedrun" / "reply.txt").read_text().strip()
+    assert 'asked "How many r are in strawberry?", the RL model replied:' in result.stdout and reply in result.stdout
+    assert "\n## Demo question\n" in report and f"- reply: {reply}" in report
+    assert "- passes over the data: 1" in report and "- task: spellingbee" in report
     assert result.stdout.rstrip().splitlines()[-2:] == [
         f"chat in the terminal:  python {ROOT}/chat.py", f"chat in the browser:   python {ROOT}/serve.py   (then open the address it prints)"]
 
