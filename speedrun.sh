@@ -68,7 +68,7 @@ case "$PRESET" in
     BASE_EVAL="--max-per-task 12 --split-tokens 32768 --device-batch-size 8"
     # a skill a 4-layer model can learn: SpellingBee answered by the calculator call 'word'.count('letter') and
     # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's
-    SFT="--num-iterations 400 --eval-every 200 --eval-tokens 32768 --chatcore-every 0 --mmlu-epochs 0
+    SFT="--num-iterations 400 --eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
       --smoltalk-epochs 1 --identity-epochs 1 --gsm8k-epochs 1 --gsm8k-size 2000 --simple-spelling-size 0
       --spelling-bee-size 60000 --spelling-bee-style short --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     # RL where this model earns reward: SpellingBee (GSM8K is out of its reach)
@@ -81,7 +81,7 @@ case "$PRESET" in
     PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20
       --keep-rest --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
-    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every 0 --mmlu-epochs 0
+    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0
       --gsm8k-size 200 --simple-spelling-size 0 --spelling-bee-size 2000 --spelling-bee-style short"
     RL="--task spellingbee --num-iterations 3 --examples-per-step 2 --num-samples 2 --device-batch-size 2
       --max-new-tokens 16 --eval-every 3 --eval-examples 2"
