@@ -229,3 +229,26 @@ def test_speedrun_micro_end_to_end(http_mirror, base_dir, tmp_path):
     chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--stage", "rl", "-p", "Hello!", "--max-tokens", "8",
                            "--device-type", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and chat.stdout.endswith("\n"), chat.stderr
+
+
+@pytest.mark.parametrize("preset", ["cpu", "micro"])
+def test_preset_flags_parse_in_every_stage(preset):
+    """Every stage accepts its preset's flags (a bad one would only fail minutes into a run), and the demo
+    presets use every token once, the short SpellingBee mixture and RL on SpellingBee."""
+    import evaluate
+    import pretrain
+    import rl
+    import sft
+    script = (ROOT / "speedrun.sh").read_text()
+    block = script[script.index('case "$PRESET" in'):script.index("esac") + 4]
+    names = ["PRETRAIN", "BASE_EVAL", "SFT", "RL", "CHAT_EVAL"]
+    shell = f'PRESET={preset}; NGPU=0; PY={sys.executable}\n{block}\nprintf "%s|" ' + " ".join(f'"${n}"' for n in names)
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout
+    flags = dict(zip(names, (value.split() for value in out.split("|"))))  # a value spans lines
+    args = pretrain.parse_args(flags["PRETRAIN"])
+    assert args.keep_rest
+    args = sft.parse_args(flags["SFT"])
+    assert args.spelling_bee_style == "short" and args.spelling_bee_size > 0 and args.simple_spelling_size == 0
+    assert rl.parse_args(flags["RL"]).task == "spellingbee"
+    evaluate.parse_args(["--stage", "base", *flags["BASE_EVAL"]])
+    evaluate.parse_args(["--stage", "sft", *flags["CHAT_EVAL"]])
