@@ -351,13 +351,15 @@ def main(argv=None):
         step += 1
 
     loader.close()
-    # the first pass over the data (epoch 1) never repeats a document; with --keep-rest no token either
+    # the loader's read position (ahead of the rows by its buffer) still in the first pass over the data:
+    # no document was repeated; with --keep-rest no token either
     epochs = batch[2]["next"][0]
     tokens = steps * total_batch
     distinct = tokens if epochs == 1 and args.keep_rest else None
     print0(f"data: {tokens:,} tokens in {epochs} pass(es) over the training shards" +
            (", every one distinct (none repeated)" if distinct else
-            ("; documents repeated: fetch more shards" if epochs > 1 else "; crops of long documents dropped")))
+            ("; the loader read into a second pass, documents may repeat: fetch more shards" if epochs > 1
+             else "; crops of long documents dropped")))
     peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
     print0(f"total training time {format_duration(loop['total_training_time'])}; min val bpb "
            f"{loop['min_val_bpb']:.6f}" + (f"; peak memory {peak_memory:,.0f} MiB" if cuda else ""))
