@@ -57,14 +57,14 @@ case "$PRESET" in
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576 $FP8"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
   cpu)  # ~13 min on an idle 2-core machine: ~7 of pretraining, ~3 of SFT, ~1 of RL, evals on a sample
-    # 6 train shards (~27M characters, ~9M tokens) hold more than the ~2.5M tokens pretraining reads plus the
+    # 6 train shards (~27M characters, ~9M tokens) hold more than the ~2.3M tokens pretraining reads plus the
     # loader's buffer, and --keep-rest packs the rest of every long document into later rows: no token repeats
     DEPTH="${DEPTH:-4}"; SHARDS=6
     TOK="--vocab-size 4096 --max-chars 20000000"
     # 4x the reference LRs: with only a thousand small steps, the batch-size scaling alone learns too slowly
-    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 1200
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 1100
       --keep-rest --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032
-      --scalar-lr 2 --eval-every 300 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
+      --scalar-lr 2 --eval-every 275 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 12 --split-tokens 32768 --device-batch-size 8"
     # a skill a 4-layer model can learn: SpellingBee answered by the calculator call 'word'.count('letter') and
     # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's
