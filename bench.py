@@ -10,6 +10,8 @@
 import argparse
 
 # ---- train (owner: model work) ----
+import importlib.util
+import os
 import resource
 import statistics
 import time
@@ -40,39 +42,35 @@ def matmul_ceiling(device, dtype, n=2048, repeats=5):
     return 2 * n ** 3 / best / 1e9
 
 
-def bench_train(args):
-    """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch."""
-    device = torch.device(args.device_type or common.autodetect_device_type())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cpu" and not args.no_keep_freed_memory:
-        model.keep_freed_memory()  # what a CPU training script should do too (see model.keep_freed_memory)
+def load_model_file(folder):
+    """model.py of another checkout (e.g. `git worktree add /tmp/old <commit>`) as a module of its own."""
+    path = os.path.join(folder, "model.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"bench.py: no model.py in {folder}: pass a checkout of the project to --compare-with")
+    spec = importlib.util.spec_from_file_location("model_compared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_step_fn(mod, args, device):
+    """(step, gpt) for the model code in module `mod`: step() runs one training step on a fixed random batch and
+    returns (forward+backward s, optimizer s, loss, process CPU s). The CPU seconds (all threads) tell the work
+    apart from waiting when other processes share the cores."""
     torch.manual_seed(42)
-    config = model.config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
-                                    vocab_size=args.vocab_size, window_pattern=args.window_pattern)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gpt = model.build_gpt(config, device)
+    config = mod.config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.seq_len,
+                                  vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+    gpt = mod.build_gpt(config, device)
     gpt.chunked_loss = not args.no_chunked_loss
-    fp8 = "off"
     if args.fp8:
-        model.check_fp8_support(device)
-        fp8 = f"{args.fp8_recipe} ({model.enable_fp8(gpt, args.fp8_recipe)} layers)"
+        mod.check_fp8_support(device)
+        gpt.fp8_layers = mod.enable_fp8(gpt, args.fp8_recipe)
     optimizer = gpt.setup_optimizer()
     step_model = torch.compile(gpt, dynamic=False) if args.compile else gpt
-    B, T = args.device_batch_size, args.seq_len
-    x = torch.randint(0, args.vocab_size, (B, T), device=device)
+    x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
-    flops_per_token = gpt.estimate_flops()
-    print(f"model: depth {args.depth}, n_embd {config.n_embd}, {config.n_head} heads of {args.head_dim}, seq {T}, "
-          f"vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} params, "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
-          f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
-          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}, fp8 {fp8}")
 
     def step():
-        """One training step; returns (forward+backward s, optimizer s, loss, process CPU s). The CPU seconds
-        (all threads) tell the work apart from waiting when other processes share the cores."""
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step_model(x, y)
@@ -83,36 +81,70 @@ def bench_train(args):
         gpt.zero_grad(set_to_none=True)
         sync(device)
         return t1 - t0, time.perf_counter() - t1, loss.item(), time.process_time() - c0
+    return step, gpt
+
+
+def bench_train(args):
+    """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch. With
+    --compare-with DIR, the model.py of DIR trains too, its steps alternating with this one's, so that both
+    see the same load: the ratio of the medians holds on a busy machine where the absolute figures do not."""
+    device = torch.device(args.device_type or common.autodetect_device_type())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.no_keep_freed_memory:
+        model.keep_freed_memory()  # what a CPU training script should do too (see model.keep_freed_memory)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = [("this", model)] + ([(args.compare_with, load_model_file(args.compare_with))] if args.compare_with else [])
+    steps = {name: train_step_fn(mod, args, device) for name, mod in runs}
+    gpt = steps["this"][1]
+    B, T = args.device_batch_size, args.seq_len
+    flops_per_token = gpt.estimate_flops()
+    fp8 = f"{args.fp8_recipe} ({gpt.fp8_layers} layers)" if args.fp8 else "off"
+    print(f"model: depth {args.depth}, n_embd {gpt.config.n_embd}, {gpt.config.n_head} heads of {args.head_dim}, "
+          f"seq {T}, vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} "
+          f"params, {flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
+          f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
+          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}, fp8 {fp8}")
 
     ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size)
     for i in range(args.warmup):
-        fb, opt, loss, cpu = step()
-        print(f"warm-up step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), "
-              f"loss {loss:.3f}")
-    times = []
+        for name, _ in runs:
+            fb, opt, loss, cpu = steps[name][0]()
+            print(f"warm-up step {i} ({name}): {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), "
+                  f"loss {loss:.3f}")
+    times = {name: [] for name, _ in runs}
     for i in range(args.steps):
-        fb, opt, loss, cpu = step()
-        times.append((fb + opt, fb, opt, cpu))
-        print(f"step {i}: {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s, {cpu:.2f} CPU s), "
-              f"loss {loss:.3f}")
-    dt, fb, opt, cpu = (statistics.median(t[i] for t in times) for i in range(4))
-    tok_s = B * T / dt
-    achieved = flops_per_token * tok_s / 1e9
+        for name, _ in runs:  # alternating: A, B, A, B, ...
+            fb, opt, loss, cpu = steps[name][0]()
+            times[name].append((fb + opt, fb, opt, cpu))
+            print(f"step {i} ({name}): {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s, "
+                  f"{cpu:.2f} CPU s), loss {loss:.3f}")
     ceiling = max(ceiling_before, matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size))  # load varies
     peak = common.get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
-    mfu = f", MFU {100 * achieved * 1e9 / peak:.1f}%" if peak != float("inf") else ""
+    results = {}
+    for name, _ in runs:
+        dt, fb, opt, cpu = (statistics.median(t[i] for t in times[name]) for i in range(4))
+        tok_s = B * T / dt
+        achieved = flops_per_token * tok_s / 1e9
+        mfu = f", MFU {100 * achieved * 1e9 / peak:.1f}%" if peak != float("inf") else ""
+        print(f"{name}: median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s; {cpu:.2f} CPU s) "
+              f"over {len(times[name])} steps: {tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul "
+              f"ceiling {ceiling:.1f} GFLOP/s ({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it")
+        results[name] = dict(tok_s=tok_s, cpu_s=cpu, mfu=100 * achieved * 1e9 / peak if peak != float("inf") else None)
     if device.type == "cuda":
         memory_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
         memory = f"{memory_gib:.2f} GiB allocated on the GPU"
     else:
         memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        memory = f"{memory_gib:.2f} GiB max RSS"
-    print(f"median step {dt:.3f} s (forward+backward {fb:.3f} s, optimizer {opt:.3f} s; {cpu:.2f} CPU s) over "
-          f"{len(times)} steps: "
-          f"{tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul ceiling {ceiling:.1f} GFLOP/s "
-          f"({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it; peak memory {memory}")
-    return dict(tok_s=tok_s, mfu=100 * achieved * 1e9 / peak if peak != float("inf") else None,
-                memory_gib=memory_gib, loss=loss)
+        memory = f"{memory_gib:.2f} GiB max RSS" + (" (both models)" if args.compare_with else "")
+    print(f"peak memory {memory}")
+    if args.compare_with:
+        other = results[args.compare_with]
+        print(f"this / {args.compare_with}: {results['this']['tok_s'] / other['tok_s']:.3f}x tokens/s (medians of "
+              f"alternating steps), {other['cpu_s'] / results['this']['cpu_s']:.3f}x less CPU time per step; "
+              f"load average {' '.join(open('/proc/loadavg').read().split()[:3]) if os.path.exists('/proc/loadavg') else '?'}")
+    return dict(tok_s=results["this"]["tok_s"], mfu=results["this"]["mfu"], memory_gib=memory_gib, loss=loss)
 
 
 def add_train_parser(sub):
@@ -133,6 +165,8 @@ def add_train_parser(sub):
     p.add_argument("--ceiling-size", type=int, default=2048, help="n of the n x n matmuls that measure the ceiling")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device-type", default="")
+    p.add_argument("--compare-with", default=None, metavar="DIR",
+                   help="also train DIR/model.py (another checkout), alternating steps: the ratio of the two")
     p.set_defaults(func=bench_train)
 
 # ---- decode ----
@@ -352,7 +386,6 @@ def add_decode_parser(sub):
 
 # ---- tokenize (owner: tokenizer work) ----
 import glob
-import os
 
 import pyarrow.parquet as pq
 import rustbpe

@@ -1118,6 +1118,9 @@ def split_files(split, data_dir=None):
 # Reading, tokenizing and packing run in a background thread. Unlike the reference's approximate resume,
 # each batch carries a small state (next unread position + the buffered documents' positions) from which
 # the very same batch is rebuilt, so a resumed run continues bit for bit.
+# keep_rest=True (a small data budget, e.g. the CPU demo) puts what a crop cuts off back into the buffer
+# as a document of its own (no BOS: it continues its text), so every token reaches exactly one row;
+# its key then carries a 4th field, the token offset the rest starts at.
 
 def iter_doc_batches(files, rank, world_size, start=None, batch_docs=128):
     """Forever yields (position, texts): up to batch_docs documents of one row group, the row groups
@@ -1150,7 +1153,8 @@ def read_docs(files, keys):
     return [texts[key] for key in keys]
 
 
-def pack_batches(tokenizer, B, T, files, rank, world_size, state=None, buffer_size=1000, threads=4):
+def pack_batches(tokenizer, B, T, files, rank, world_size, state=None, buffer_size=1000, threads=4,
+                 keep_rest=False):
     """Yields (rows, state): rows is an int64 array (B, T+1); passing `state` back yields the same rows."""
     bos = tokenizer.get_bos_token_id()
     lens, docs, keys = [], [], []  # the buffer: lengths ascending (equal ones in arrival order), tokens, positions
@@ -1163,8 +1167,9 @@ def pack_batches(tokenizer, B, T, files, rank, world_size, state=None, buffer_si
 
     if state is not None:
         saved = [tuple(k) for k in state["buffer"]]
-        for key, ids in zip(saved, tokenizer.encode(read_docs(files, saved), prepend=bos, num_threads=threads)):
-            add(key, ids)
+        for key, ids in zip(saved, tokenizer.encode(read_docs(files, [k[:3] for k in saved]), prepend=bos,
+                                                    num_threads=threads)):
+            add(key, ids[key[3]:] if len(key) > 3 else ids)
     position = tuple(state["next"]) if state is not None else (1, 0, rank, 0)
     source = iter_doc_batches(files, rank, world_size, position)
     while True:
@@ -1181,8 +1186,11 @@ def pack_batches(tokenizer, B, T, files, rank, world_size, state=None, buffer_si
                 i = bisect.bisect_right(lens, T + 1 - pos) - 1  # longest document that fits whole...
                 crop = i < 0
                 i = bisect.bisect_left(lens, lens[i]) if not crop else 0  # ...the first of equally long ones
-                doc = docs.pop(0 if crop else i)[:T + 1 - pos]  # none fits: crop the shortest
-                del lens[0 if crop else i], keys[0 if crop else i]
+                doc, key = docs.pop(0 if crop else i), keys.pop(0 if crop else i)  # none fits: crop the shortest
+                del lens[0 if crop else i]
+                if crop and keep_rest:
+                    add(key[:3] + ((key[3] if len(key) > 3 else 0) + T + 1 - pos,), doc[T + 1 - pos:])
+                doc = doc[:T + 1 - pos]
                 row[pos:pos + len(doc)] = doc
                 pos += len(doc)
         yield rows, batch_state
@@ -1206,13 +1214,13 @@ def _producer(out, stop, args, pin):
 
 
 def bestfit_batches(tokenizer, B, T, split, device="cpu", rank=0, world_size=1, state=None,
-                    buffer_size=1000, tokenizer_threads=4, files=None, prefetch=2):
+                    buffer_size=1000, tokenizer_threads=4, files=None, prefetch=2, keep_rest=False):
     """Forever yields (inputs, targets, state): int64 (B, T) tensors on `device`, and the state that,
     passed back as `state`, makes a new loader start with this very batch. Work runs in a thread."""
     files = files or split_files(split)
     device = torch.device(device)
     out, stop = queue.Queue(maxsize=prefetch), threading.Event()
-    args = (tokenizer, B, T, files, rank, world_size, state, buffer_size, tokenizer_threads)
+    args = (tokenizer, B, T, files, rank, world_size, state, buffer_size, tokenizer_threads, keep_rest)
     worker = threading.Thread(target=_producer, args=(out, stop, args, device.type == "cuda"), daemon=True)
     worker.start()
     try:
@@ -2128,12 +2136,14 @@ def quote(text, rng):
 
 class SpellingBee(AnswerGraded, Task):
     """'How many r in strawberry?' answered by spelling the word out, counting, then checking with a
-    python call; ends with '#### N' and is graded like GSM8K."""
+    python call; ends with '#### N' and is graded like GSM8K. style="short" answers with the call alone,
+    its result copied into '#### N': two copies a tiny model can learn where it cannot learn to spell."""
 
-    def __init__(self, size=1000, split="train", **slice_kw):
+    def __init__(self, size=1000, split="train", style="reasoned", **slice_kw):
         assert split in ("train", "test"), split
+        assert style in ("reasoned", "short"), style
         super().__init__(**slice_kw)
-        self.size, self.split, self.words = size, split, load_words()
+        self.size, self.split, self.style, self.words = size, split, style, load_words()
 
     def num_examples(self):
         return self.size
@@ -2147,6 +2157,11 @@ class SpellingBee(AnswerGraded, Task):
         question = rng.choice(SPELLING_TEMPLATES).format(letter=quote(letter, rng), word=quote(word, rng))
         question = question.lower() if rng.random() < 0.3 else question
         question += "?" if rng.random() < 0.5 else ""
+        call = [{"type": "python", "text": f"'{word}'.count('{letter}')"},
+                {"type": "python_output", "text": str(count)}]
+        if self.style == "short":
+            parts = call + [{"type": "text", "text": f"\n\n#### {count}"}]
+            return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
         walk, running = [], 0
         for i, char in enumerate(word, 1):
             running += char == letter
@@ -2154,9 +2169,7 @@ class SpellingBee(AnswerGraded, Task):
         reasoning = (f"We need to count the letter '{letter}' in the word '{word}'. First I spell it out:\n"
                      f"{word}:{','.join(word)}\n\nThen I go letter by letter:\n" + "\n".join(walk) +
                      f"\n\nThis gives us {count}.\n\nLet me double check this using Python:\n\n")
-        parts = [{"type": "text", "text": reasoning},
-                 {"type": "python", "text": f"'{word}'.count('{letter}')"},
-                 {"type": "python_output", "text": str(count)},
+        parts = [{"type": "text", "text": reasoning}, *call,
                  {"type": "text", "text": f"\n\nPython gives us {count} too.\n\nMy final answer is:\n\n#### {count}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 

@@ -23,7 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from model import COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled
+from model import (COMPUTE_DTYPE, GPT, build_gpt, check_fp8_support, config_for_depth, enable_fp8, fp8_disabled,
+                   keep_freed_memory)
 from common import (NanochatError, add_stage_flags, argument_parser, bestfit_batches, float_flag, int_flag, compute_cleanup, compute_init, due,
                     evaluate_bpb, evaluate_core, format_duration, gather_states, get_peak_flops, get_token_bytes,
                     get_tokenizer, log_metrics, print0, repair_shards, report_section, resume_run, run_meta, sample_prompts, save_checkpoint,
@@ -57,6 +58,9 @@ def parse_args(argv=None):
                    help="sequences per GPU per micro-step, or auto (CUDA: the most that fit)")
     g.add_argument("--total-batch-size", type=int_flag(1, never=True), default=-1,
                    help="tokens per step (-1 = from the depth)")
+    g.add_argument("--keep-rest", action="store_true",
+                   help="pack what a crop cuts off a long document into later rows instead of dropping it "
+                        "(every token used once; for small data budgets: the reference drops it)")
     g = p.add_argument_group("optimization")
     g.add_argument("--scalar-lr", type=float_flag(0), default=0.5, help="AdamW LR of the per-layer scalars")
     g.add_argument("--weight-decay", type=float_flag(0), default=0.28, help="Muon weight decay at d12 (transferred)")
@@ -217,6 +221,8 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     cuda = device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()  # a steady allocation pattern: reusing freed blocks saves page faults every step
     if args.device_batch_size == "auto" and not cuda:
         raise NanochatError("--device-batch-size auto probes GPU memory and needs CUDA: give a number instead")
     if args.fp8:
@@ -269,7 +275,7 @@ def main(argv=None):
         step, val_bpb, loop = args.resume_from_step, meta.get("val_bpb"), meta["loop_state"]
 
     loader = bestfit_batches(tokenizer, device_batch_size, T, "train", device, rank=rank, world_size=world_size,
-                             state=loader_state)
+                             state=loader_state, keep_rest=args.keep_rest)
     batch = next(loader)  # (inputs, targets, state that rebuilds this batch)
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if cuda else float("inf")
     resume_step, timed_dts = step, []
@@ -345,6 +351,15 @@ def main(argv=None):
         step += 1
 
     loader.close()
+    # the loader's read position (ahead of the rows by its buffer) still in the first pass over the data:
+    # no document was repeated; with --keep-rest no token either
+    epochs = batch[2]["next"][0]
+    tokens = steps * total_batch
+    distinct = tokens if epochs == 1 and args.keep_rest else None
+    print0(f"data: {tokens:,} tokens in {epochs} pass(es) over the training shards" +
+           (", every one distinct (none repeated)" if distinct else
+            ("; the loader read into a second pass, documents may repeat: fetch more shards" if epochs > 1
+             else "; crops of long documents dropped")))
     peak_memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
     print0(f"total training time {format_duration(loop['total_training_time'])}; min val bpb "
            f"{loop['min_val_bpb']:.6f}" + (f"; peak memory {peak_memory:,.0f} MiB" if cuda else ""))
@@ -353,6 +368,7 @@ def main(argv=None):
         "depth": config.n_layer, "parameters": orig_model.num_scaling_params()["total"],
         "scaling parameters": plan["scaling_params"], "FLOPs per token": flops_per_token,
         "total batch size": total_batch, "steps": steps, "tokens": steps * total_batch,
+        "passes over the data": epochs, "distinct tokens": distinct,
         "tokens per scaling parameter": steps * total_batch / plan["scaling_params"], "world size": world_size,
         "device batch size": device_batch_size, "gradient accumulation": grad_accum,
         "val bpb": loop["min_val_bpb"], "training time (s, steps after 10)": loop["total_training_time"],

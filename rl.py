@@ -1,4 +1,4 @@
-"""Reinforcement learning on GSM8K: on-policy REINFORCE with a mean baseline (a simplified GRPO).
+"""Reinforcement learning on GSM8K (or SpellingBee): on-policy REINFORCE with a mean baseline (a simplified GRPO).
 
 For each question the model samples several answers through the KV-cache engine, with the calculator
 tool on; reward = 1 for the correct final number, advantage = reward - mean reward of the question's
@@ -10,25 +10,29 @@ fresh from the current weights.
     torchrun --nproc_per_node=8 rl.py                # 8 GPUs (examples per step are split over ranks)
     python rl.py --num-iterations 20 --num-samples 4 --device-batch-size 4 --max-new-tokens 128   # small CPU run
     python rl.py --resume-from-step 60               # continue exactly from a checkpoint of this run
+    python rl.py --task spellingbee                  # letter counting: where a tiny (CPU) model earns reward
 
 Several nodes: torchrun --nnodes=N --node_rank=i --master_addr=... --nproc_per_node=8 rl.py
 Reads <base>/chatsft_checkpoints/<tag>/, writes <base>/chatrl_checkpoints/<tag>/ (model, optimizer shards,
 meta) and metrics.jsonl with reward, calculator use and pass@k.
 """
+import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from common import (GSM8K, Engine, NanochatError, ReplyParser, add_sampling_flags, add_stage_flags, argument_parser, compute_cleanup, compute_init, due,
-                    float_flag, format_duration, int_flag, load_model, log_metrics, print0, report_section,
+from common import (GSM8K, Engine, SpellingBee, NanochatError, ReplyParser, add_sampling_flags, add_stage_flags, argument_parser, compute_cleanup, compute_init, due,
+                    float_flag, format_duration, int_flag, load_model, log_metrics, print0, read_metrics, report_section,
                     resume_run, run_meta, save_checkpoint, scale_lrs, set_schedule, start_run)
 
 
 def parse_args(argv=None):
     p = argument_parser(__doc__)
     add_stage_flags(p, parent="SFT", lrs=(0.2, 0.004, 0.02))
-    p.add_argument("--num-epochs", type=int_flag(1), default=1, help="passes over GSM8K train")
+    p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spellingbee"],
+                   help="what the reward grades: GSM8K answers, or SpellingBee letter counts")
+    p.add_argument("--num-epochs", type=int_flag(1), default=1, help="passes over the task's train split")
     p.add_argument("--num-iterations", type=int_flag(1, never=True), default=-1,
                    help="cap on the number of steps (-1 = the epochs decide)")
     g = p.add_argument_group("sampling")
@@ -42,10 +46,27 @@ def parse_args(argv=None):
     g.add_argument("--init-lr-frac", type=float_flag(0), default=0.05, help="all LRs are scaled by this")
     g = p.add_argument_group("evaluation and saving")
     g.add_argument("--eval-every", type=int_flag(1, never=True), default=60,
-                   help="pass@k on GSM8K test every N steps and at the end (-1 = never)")
+                   help="pass@k on the task's test split every N steps and at the end (-1 = never)")
     g.add_argument("--eval-examples", type=int_flag(1), default=400, help="test questions per evaluation")
     p.set_defaults(save_every=60)
     return p.parse_args(argv)
+
+
+def rl_tasks(name):
+    """(train, test) tasks of --task; the reward and pass@k grade the final '#### N' of a sample."""
+    if name == "spellingbee":
+        return SpellingBee(size=100_000, split="train"), SpellingBee(size=1000, split="test")
+    return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+
+
+def reward_thirds(metrics_path):
+    """Mean reward over the first and over the last third of the steps logged, or None for under 3 steps."""
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []  # rank 0 writes it
+    rewards = [row["reward"] for row in rows if "reward" in row]
+    third = len(rewards) // 3
+    if third == 0:
+        return None
+    return sum(rewards[:third]) / third, sum(rewards[-third:]) / third
 
 
 def sample_seed(*keys):
@@ -166,12 +187,12 @@ def main(args):
                                             step=args.model_step)
     model_tag = sft_meta["model_tag"]
     engine = Engine(model, tokenizer)
-    train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+    train_task, val_task = rl_tasks(args.task)
     num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if args.num_iterations > 0:
         num_steps = min(num_steps, args.num_iterations)
     if num_steps < 1:
-        raise NanochatError(f"GSM8K train has {len(train_task)} questions, fewer than --examples-per-step "
+        raise NanochatError(f"{args.task} train has {len(train_task)} questions, fewer than --examples-per-step "
                             f"{args.examples_per_step}: lower it")
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
@@ -183,7 +204,7 @@ def main(args):
     print0(f"RL {model_tag}: {num_steps} steps x {args.examples_per_step} questions x {args.num_samples} samples, "
            f"{args.max_new_tokens} new tokens max, LR x {args.init_lr_frac}")
 
-    t_start, start_step, evals = time.time(), step, {}
+    t_start, start_step, evals, first_evals = time.time(), step, {}, {}
     while True:
         last_step = step >= num_steps
         if due(args.eval_every, step, last_step):
@@ -193,6 +214,7 @@ def main(args):
             model.train()
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in evals.items()))
             log_metrics(metrics_path, step=step, **evals)
+            first_evals = first_evals or evals
         if last_step or due(args.save_every, step, last_step, after=start_step):
             meta = run_meta(step, model, args, model_tag, {"num_steps": num_steps}, parent_step=sft_meta["step"])
             save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
@@ -210,8 +232,18 @@ def main(args):
                f"calculator calls {stats['calculator_calls']} ({stats['calculator_results']} answered) | "
                f"loss {stats['loss']:.6f} | lrm {lrm:.3f} | {dt:.1f}s | eta {format_duration(eta)}")
         log_metrics(metrics_path, step=step - 1, **stats, lrm=lrm, dt=dt)
-    report_section("Chat RL", {"steps": step, "examples per step": args.examples_per_step,
-                               "samples per question": args.num_samples, **evals}, column="RL")
+    thirds = reward_thirds(metrics_path)
+    if thirds:
+        print0(f"mean reward: first third of the steps {thirds[0]:.3f}, last third {thirds[1]:.3f}")
+    if first_evals and evals and start_step == 0:
+        print0(f"{args.task} test pass@1: {first_evals['pass@1']:.4f} before RL (the SFT model), "
+               f"{evals['pass@1']:.4f} after")
+    report_section("Chat RL", {"task": args.task, "steps": step, "examples per step": args.examples_per_step,
+                               "samples per question": args.num_samples,
+                               "mean reward, first third of the steps": thirds[0] if thirds else None,
+                               "mean reward, last third of the steps": thirds[1] if thirds else None,
+                               "pass@1 before RL (the SFT model)": first_evals.get("pass@1") if start_step == 0 else None,
+                               **evals}, column="RL")
     compute_cleanup()
 
 

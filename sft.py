@@ -63,6 +63,10 @@ def parse_args(argv=None):
     g.add_argument("--identity-path", default=None, help="identity chats jsonl, path or URL (None = nanochat's)")
     g.add_argument("--simple-spelling-size", type=int_flag(0), default=200_000, help="SimpleSpelling examples")
     g.add_argument("--spelling-bee-size", type=int_flag(0), default=80_000, help="SpellingBee examples")
+    g.add_argument("--spelling-bee-style", default="reasoned", choices=["reasoned", "short"],
+                   help="SpellingBee answers: spell, count, check with python; or the python call alone")
+    g.add_argument("--gsm8k-size", type=int_flag(1, never=True), default=-1,
+                   help="GSM8K train problems per pass (-1 = all 7473)")
     return p.parse_args(argv)
 
 
@@ -81,14 +85,15 @@ def build_train_mixture(args):
                                     f"to train without it ({e})") from None
         tasks += [mmlu] * args.mmlu_epochs
     if args.gsm8k_epochs > 0:
-        tasks += [GSM8K(subset="main", split="train")] * args.gsm8k_epochs
+        stop = args.gsm8k_size if args.gsm8k_size > 0 else None
+        tasks += [GSM8K(subset="main", split="train", stop=stop)] * args.gsm8k_epochs
     if args.identity_epochs > 0:
         identity = CustomJSON(args.identity_path) if args.identity_path else CustomJSON()
         tasks += [identity] * args.identity_epochs
     if args.simple_spelling_size > 0:
         tasks.append(SimpleSpelling(size=args.simple_spelling_size, split="train"))
     if args.spelling_bee_size > 0:
-        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train"))
+        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train", style=args.spelling_bee_style))
     if not tasks:
         raise NanochatError("the SFT mixture is empty: give at least one task a non-zero epoch count or size")
     return TaskMixture(tasks)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train your own small ChatGPT from a fresh clone, end to end, with one command:
-#   data -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> RL -> chat eval -> report
+#   data -> tokenizer -> pretrain -> base eval -> SFT -> chat eval -> RL -> chat eval -> a question -> report
 #
 #   bash speedrun.sh                                  preset picked from the hardware (printed first)
 #   PRESET=cpu bash speedrun.sh                       gpu8 | gpu | cpu | micro
@@ -11,7 +11,8 @@
 #
 # Presets: gpu8 = the GPT-2-grade recipe on 8 GPUs (d24, ratio 8, device batch 16, 1M-token batches;
 # CORE target 0.256525); gpu = the same model on fewer GPUs (gradient accumulation, device batch auto);
-# cpu = a demo whose whole pipeline takes <= 20 min on 2 cores (it babbles, but you can chat with it);
+# cpu = a demo whose whole pipeline takes ~13 min on 2 cores: every stage shows its effect, and it ends by
+# answering "How many r are in strawberry?" with a calculator call;
 # micro = a few-minute smoke test (CI).
 # Each stage's log is $NANOCHAT_BASE_DIR/speedrun/<stage>.log; a finished stage leaves <stage>.done there,
 # so re-running after a failure resumes at the failed stage. Remove that folder to start over.
@@ -61,28 +62,35 @@ case "$PRESET" in
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576 $FP8"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
-  cpu)  # ~10 min on an idle 2-core machine: ~6 of pretraining, ~2 of SFT, a few RL steps, evals on a sample
-    DEPTH="${DEPTH:-4}"; SHARDS=4
+  cpu)  # ~13 min on an idle 2-core machine: ~7 of pretraining, ~3 of SFT, ~1 of RL, evals on a sample
+    # 6 train shards (~27M characters, ~9M tokens) hold more than the ~2.3M tokens pretraining reads plus the
+    # loader's buffer, and --keep-rest packs the rest of every long document into later rows: no token repeats
+    DEPTH="${DEPTH:-4}"; SHARDS=6
     TOK="--vocab-size 4096 --max-chars 20000000"
-    # 4x the reference LRs: with only a few hundred small steps, the batch-size scaling alone learns too slowly
-    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 900
-      --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032 --scalar-lr 2
-      --eval-every 150 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
+    # 4x the reference LRs: with only a thousand small steps, the batch-size scaling alone learns too slowly
+    PRETRAIN="--depth $DEPTH --max-seq-len 256 --device-batch-size 8 --total-batch-size 2048 --num-iterations 1100
+      --keep-rest --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.032
+      --scalar-lr 2 --eval-every 275 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 12 --split-tokens 32768 --device-batch-size 8"
-    SFT="--num-iterations 250 --eval-every 125 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
-      --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
-    RL="--num-iterations 10 --examples-per-step 4 --num-samples 4 --device-batch-size 4 --max-new-tokens 64
-      --eval-every 10 --eval-examples 8"
-    CHAT_EVAL="--max-problems 24 --max-new-tokens 64" ;;
+    # a skill a 4-layer model can learn: SpellingBee answered by the calculator call 'word'.count('letter') and
+    # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's
+    SFT="--num-iterations 400 --eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
+      --smoltalk-epochs 1 --identity-epochs 1 --gsm8k-epochs 1 --gsm8k-size 2000 --simple-spelling-size 0
+      --spelling-bee-size 60000 --spelling-bee-style short --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
+    # RL where this model earns reward: SpellingBee (GSM8K is out of its reach)
+    RL="--task spellingbee --num-iterations 60 --examples-per-step 4 --num-samples 8 --device-batch-size 8
+      --max-new-tokens 32 --init-lr-frac 0.3 --eval-every 60 --eval-examples 48"
+    CHAT_EVAL="--max-problems 32 --max-new-tokens 64" ;;
   micro)
     DEPTH="${DEPTH:-2}"; SHARDS=1
     TOK="--vocab-size 512 --max-chars 2000000"
     PRETRAIN="--depth $DEPTH --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --num-iterations 20
-      --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
+      --keep-rest --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
-    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0"
-    RL="--num-iterations 2 --examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16
-      --eval-every 2 --eval-examples 2"
+    SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0
+      --gsm8k-size 200 --simple-spelling-size 0 --spelling-bee-size 2000 --spelling-bee-style short"
+    RL="--task spellingbee --num-iterations 3 --examples-per-step 2 --num-samples 2 --device-batch-size 2
+      --max-new-tokens 16 --eval-every 3 --eval-examples 2"
     CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;
   *) echo "speedrun: unknown PRESET=$PRESET; use gpu8, gpu, cpu or micro" >&2; exit 1 ;;
 esac
@@ -126,10 +134,18 @@ run_stage sft $LAUNCH "$HERE/sft.py" $SFT
 run_stage sft_eval $LAUNCH "$HERE/evaluate.py" --stage sft $CHAT_EVAL
 run_stage rl $LAUNCH "$HERE/rl.py" $RL
 run_stage rl_eval $LAUNCH "$HERE/evaluate.py" --stage rl $CHAT_EVAL
-run_stage report $PY -c "import sys; sys.path.insert(0, sys.argv[1]); import common; print('report card:', common.generate_report())" "$HERE"
+# the end of the demo: the question the SFT data teaches most, answered by the RL model (greedy)
+QUESTION="How many r are in strawberry?"
+ask() { $PY "$HERE/chat.py" --stage rl -p "$QUESTION" -t 0 -m 64 > "$SR/reply.txt" && cat "$SR/reply.txt"; }
+run_stage ask ask
+run_stage report $PY -c "import sys; sys.path.insert(0, sys.argv[1]); import common
+common.report_section('Demo question', {'question (chat.py --stage rl -t 0)': sys.argv[2],
+                                        'reply': open(sys.argv[3], encoding='utf-8').read().strip()})
+print('report card:', common.generate_report())" "$HERE" "$QUESTION" "$SR/reply.txt"
 
 total=0; for f in "$SR"/*.done; do total=$(( total + $(cat "$f") )); done
 say "all stages done in $(( total / 60 )) min $(( total % 60 )) s; report.md and report_curves.svg are in $(pwd)"
+echo "asked \"$QUESTION\", the RL model replied: $(cat "$SR/reply.txt")"
 if [ "$PWD" = "$HERE" ]; then AT=""; else AT="$HERE/"; fi
 if [ "$USE_VENV" = 1 ]; then echo "first: source ${AT}.venv/bin/activate"; fi
 echo "chat in the terminal:  python ${AT}chat.py"

@@ -86,17 +86,45 @@ def test_rows_start_with_bos_and_targets_shift(tmp_path, byte_tokenizer):
     loader.close()
 
 
-def test_resume_reproduces_the_next_batches_exactly(tmp_path, byte_tokenizer):
+def test_keep_rest_puts_every_token_of_every_document_in_exactly_one_row(tmp_path, byte_tokenizer):
+    # 90 documents, each one distinct character repeated 1..70 times, many longer than a row of T+1 = 17;
+    # one row group and buffer_size 1: the buffer takes all 90 at once and refills only when it is empty,
+    # so the first `total` tokens of the rows are exactly the documents' tokens
+    texts = [chr(33 + i) * (1 + (37 * i) % 70) for i in range(90)]
+    files = [write_shard(tmp_path / "s0.parquet", texts, 90)]
+    total = sum(len(t) + 1 for t in texts)  # + BOS
+    bos = byte_tokenizer.get_bos_token_id()
+    for keep_rest in (True, False):
+        batches = pack_batches(byte_tokenizer, 5, 16, files, 0, 1, buffer_size=1, keep_rest=keep_rest)
+        tokens = []
+        while len(tokens) < total:
+            rows, state = next(batches)
+            tokens += rows.flatten().tolist()
+        first_pass = tokens[:total]
+        counts = {t: first_pass.count(ord(t[0])) for t in texts}
+        if keep_rest:
+            assert first_pass.count(bos) == len(texts)  # one BOS per document: the rest of a crop has none
+            assert all(counts[t] == len(t) for t in texts)
+            assert len(tokens) == total or tokens[total] == bos  # then the second epoch starts afresh
+        else:  # the reference's crop throws tokens away: the first pass holds documents of the next epoch
+            assert sum(counts.values()) < sum(len(t) for t in texts)
+
+
+@pytest.mark.parametrize("keep_rest", [False, True])
+def test_resume_reproduces_the_next_batches_exactly(tmp_path, byte_tokenizer, keep_rest):
     # two files with several row groups, small buffer: the run crosses row groups, files and epochs
     texts = [chr(ord("a") + i % 26) * (1 + (11 * i) % 29) for i in range(120)]
     files = [write_shard(tmp_path / "s0.parquet", texts[:60], 8), write_shard(tmp_path / "s1.parquet", texts[60:], 8)]
-    loader = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, rank=1, world_size=2, buffer_size=12)
-    batches = [next(loader) for _ in range(60)]
+    loader = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, rank=1, world_size=2, buffer_size=12,
+                             keep_rest=keep_rest)
+    batches = [next(loader) for _ in range(60 if not keep_rest else 100)]
     loader.close()
     assert batches[-1][2]["next"][0] >= 2, "the test should cross an epoch boundary"
+    if keep_rest:
+        assert any(len(key) == 4 for _, _, state in batches for key in state["buffer"]), "rests in the state"
     for k in (1, 7, 23, 41):
         resumed = bestfit_batches(byte_tokenizer, 3, 16, "train", files=files, rank=1, world_size=2,
-                                  buffer_size=12, state=batches[k][2])
+                                  buffer_size=12, state=batches[k][2], keep_rest=keep_rest)
         for x, y, state in batches[k:k + 15]:
             rx, ry, rstate = next(resumed)
             assert torch.equal(rx, x) and torch.equal(ry, y) and rstate == state

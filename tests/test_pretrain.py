@@ -228,3 +228,16 @@ def test_fp8_run_learns_like_full_precision(tiny_base, reference_run, recipe):
     assert got[-1]["val_bpb"] == pytest.approx(reference_run[-1]["val_bpb"], rel=0.03)
     # (this tiny run's high LRs make the last full-precision steps spike: compare the steps before)
     assert losses(got)[:15] == pytest.approx(losses(reference_run)[:15], rel=0.05)
+
+
+def test_keep_rest_run_says_no_token_was_repeated(tiny_base):
+    """--keep-rest: the run learns, and its report section says it saw every token once (one pass); without it
+    the report has no distinct-token count (the crops were dropped)."""
+    flags = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "-1"]  # the last one wins
+    proc = run([sys.executable, "pretrain.py", *flags, "--keep-rest", "--model-tag", "kr"], tiny_base)
+    assert "data: 6,144 tokens in 1 pass(es) over the training shards, every one distinct" in proc.stdout
+    section = (tiny_base / "report" / "base-model-training.md").read_text()
+    assert "- passes over the data: 1" in section and "- distinct tokens: 6144" in section
+    proc = run([sys.executable, "pretrain.py", *flags, "--model-tag", "crop"], tiny_base)
+    assert "crops of long documents dropped" in proc.stdout
+    assert "- distinct tokens: None" in (tiny_base / "report" / "base-model-training.md").read_text()

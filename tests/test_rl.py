@@ -1,5 +1,6 @@
 """rl.py: rollouts through the calculator, the policy-gradient loss, exact resume (in-process and script)."""
 import copy
+import json
 import types
 
 import pytest
@@ -137,3 +138,30 @@ def test_script_resume_repeats_the_run(tmp_path_factory, http_mirror, tmp_path):
     a = torch.load(chain / "chatrl_checkpoints" / "d2" / f"model_{RL_STEPS:06d}.pt")
     b = torch.load(base / "chatrl_checkpoints" / "d2" / f"model_{RL_STEPS:06d}.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_thirds_compare_the_first_and_last_third_of_the_steps(tmp_path):
+    from rl import reward_thirds
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "pass@1": 0.5}] + [{"step": s, "reward": r} for s, r in enumerate([0.1, 0.2, 0.3, 0.3, 0.6, 0.7, 0.8])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, last = reward_thirds(path)
+    assert first == pytest.approx(0.15) and last == pytest.approx(0.75)  # 7 steps: thirds of 2
+    path.write_text(json.dumps({"step": 0, "reward": 1.0}) + "\n")
+    assert reward_thirds(path) is None and reward_thirds(tmp_path / "missing.jsonl") is None
+
+
+def test_spellingbee_task_trains_and_reports(tmp_path_factory, http_mirror, tmp_path):
+    """rl.py --task spellingbee: rewards come from SpellingBee's grader, pass@1 before and after is printed,
+    and the report section names the task."""
+    base = copy_of(chain_dir(tmp_path_factory, http_mirror), tmp_path / "base")
+    proc = run_script(base, http_mirror, "rl.py", "--task", "spellingbee", "--num-iterations", 3,
+                      "--examples-per-step", 1, "--num-samples", 2, "--device-batch-size", 2, "--max-new-tokens", 16,
+                      "--eval-every", 3, "--eval-examples", 2)
+    rows = read_jsonl(base / "chatrl_checkpoints" / "d2" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [0, 1, 2]
+    assert "mean reward: first third of the steps" in proc.stdout
+    assert "spellingbee test pass@1:" in proc.stdout and "before RL (the SFT model)" in proc.stdout
+    assert "- task: spellingbee" in (base / "report" / "chat-rl.md").read_text()
+    bad = run_script(base, http_mirror, "rl.py", "--task", "arc", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--task" in bad.stderr

@@ -134,3 +134,38 @@ def test_two_processes_train_and_resume_exactly(tmp_path_factory, http_mirror, t
     expected = [r["loss"] for r in read_jsonl(ckpt / "metrics.jsonl")]
     run_script(base, http_mirror, "sft.py", *flags, "--resume-from-step", 2, nproc=2)
     assert [r["loss"] for r in read_jsonl(ckpt / "metrics.jsonl")] == expected and len(expected) == 4
+
+
+def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, monkeypatch):
+    """--spelling-bee-style short: the reply is the calculator call, its output and '#### N', nothing else;
+    the call the engine runs gives N, so copying it into the answer is graded correct."""
+    from common import SpellingBee, extract_answer, use_calculator
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
+    short, reasoned = SpellingBee(size=20, style="short"), SpellingBee(size=20)
+    for i in range(20):
+        parts = short[i]["messages"][-1]["content"]
+        assert [p["type"] for p in parts] == ["python", "python_output", "text"]
+        word, letter = parts[0]["text"].split("'")[1], parts[0]["text"].split("'")[3]
+        assert word in short[i]["messages"][0]["content"]
+        assert use_calculator(parts[0]["text"]) == parts[1]["text"] == str(word.count(letter))
+        assert parts[2]["text"] == f"\n\n#### {parts[1]['text']}"
+        assert short.evaluate(short[i], parts[2]["text"]) and not short.evaluate(short[i], "#### 99")
+        # the same question and answer as the reasoned style, only the reply differs
+        assert short[i]["messages"][0] == reasoned[i]["messages"][0]
+        assert extract_answer(reasoned[i]["messages"][-1]["content"][-1]["text"]) == parts[1]["text"]
+
+
+def test_mixture_flags_pick_the_style_and_the_gsm8k_share(shared_data, base_dir, monkeypatch):
+    from sft import build_train_mixture, parse_args
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
+    args = parse_args(["--mmlu-epochs", "0", "--smoltalk-epochs", "0", "--identity-epochs", "0",
+                       "--simple-spelling-size", "0", "--spelling-bee-size", "50", "--spelling-bee-style", "short",
+                       "--gsm8k-epochs", "2", "--gsm8k-size", "30"])
+    mixture = build_train_mixture(args)
+    assert len(mixture) == 50 + 2 * 30
+    kinds = [type(mixture[i]["messages"][-1]["content"]).__name__ for i in range(len(mixture))]
+    replies = [mixture[i]["messages"][-1]["content"] for i in range(len(mixture))]
+    short = [r for r in replies if isinstance(r, list) and r[0]["type"] == "python"]
+    assert len(short) == 50 and kinds.count("list") == len(mixture)  # GSM8K replies are parts too
+    with pytest.raises(SystemExit):
+        parse_args(["--spelling-bee-style", "long"])

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # speedrun.sh
 # ---------------------------------------------------------------------------------------------
 
-STAGES = ["tokenizer", "pretrain", "base_eval", "sft", "sft_eval", "rl", "rl_eval", "report"]
+STAGES = ["tokenizer", "pretrain", "base_eval", "sft", "sft_eval", "rl", "rl_eval", "ask", "report"]
 
 
 def run_speedrun(cwd, timeout, **env_vars):
@@ -146,6 +146,11 @@ def test_speedrun_micro_end_to_end(http_mirror, base_dir, tmp_path):
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("font-weight") == "bold"]
     assert {"base d2: train loss", "base d2: val bpb", "sft d2: train loss", "rl d2: reward"} <= set(titles), titles
     assert "None" not in report and "centered = (accuracy - random baseline)" in report
+        # the demo ends with the RL model's answer to one question, in the output and in the report card
+    reply = (base_dir / "speedrun" / "reply.txt").read_text().strip()
+    assert 'asked "How many r are in strawberry?", the RL model replied:' in result.stdout and reply in result.stdout
+    assert "\n## Demo question\n" in report and f"- reply: {reply}" in report
+    assert "- passes over the data: " in report and "- task: spellingbee" in report  # micro: 1 shard, read twice
     assert result.stdout.rstrip().splitlines()[-2:] == [
         f"chat in the terminal:  python {ROOT}/chat.py", f"chat in the browser:   python {ROOT}/serve.py   (then open the address it prints)"]
 
@@ -163,3 +168,26 @@ def test_speedrun_micro_end_to_end(http_mirror, base_dir, tmp_path):
     chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--stage", "rl", "-p", "Hello!", "--max-tokens", "8",
                            "--device-type", "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and chat.stdout.endswith("\n"), chat.stderr
+
+
+@pytest.mark.parametrize("preset", ["cpu", "micro"])
+def test_preset_flags_parse_in_every_stage(preset):
+    """Every stage accepts its preset's flags (a bad one would only fail minutes into a run), and the demo
+    presets use every token once, the short SpellingBee mixture and RL on SpellingBee."""
+    import evaluate
+    import pretrain
+    import rl
+    import sft
+    script = (ROOT / "speedrun.sh").read_text()
+    block = script[script.index('case "$PRESET" in'):script.index("esac") + 4]
+    names = ["PRETRAIN", "BASE_EVAL", "SFT", "RL", "CHAT_EVAL"]
+    shell = f'PRESET={preset}; NGPU=0; PY={sys.executable}\n{block}\nprintf "%s|" ' + " ".join(f'"${n}"' for n in names)
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout
+    flags = dict(zip(names, (value.split() for value in out.split("|"))))  # a value spans lines
+    args = pretrain.parse_args(flags["PRETRAIN"])
+    assert args.keep_rest
+    args = sft.parse_args(flags["SFT"])
+    assert args.spelling_bee_style == "short" and args.spelling_bee_size > 0 and args.simple_spelling_size == 0
+    assert rl.parse_args(flags["RL"]).task == "spellingbee"
+    evaluate.parse_args(["--stage", "base", *flags["BASE_EVAL"]])
+    evaluate.parse_args(["--stage", "sft", *flags["CHAT_EVAL"]])
