@@ -72,6 +72,16 @@ def http_mirror(shared_data):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster, and on a busy machine a second thread's wake-up latency dominates."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def base_dir(tmp_path, monkeypatch):
     d = tmp_path / "nanochat_base"
     d.mkdir()

@@ -8,15 +8,10 @@ import model
 from model import attention
 
 # eager FlexAttention is the CPU reference here, not a speed claim
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.usefixtures("one_thread")]  # tiny models: see conftest.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("T, window, H, Hkv", [(256, 64, 4, 4), (200, 128, 4, 2), (384, 1, 2, 2)])

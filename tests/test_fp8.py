@@ -13,12 +13,7 @@ FP8_CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (
 needs_fp8_cuda = pytest.mark.skipif(not FP8_CUDA, reason="needs a CUDA GPU of capability 8.9+")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def relative_error(a, b):
