@@ -12,8 +12,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without t
               pytest.mark.usefixtures("one_thread")]  # tiny models: see conftest.py
 
 
-
-
 @pytest.mark.parametrize("T, window, H, Hkv", [(256, 64, 4, 4), (200, 128, 4, 2), (384, 1, 2, 2)])
 def test_flex_matches_the_sdpa_path_on_cpu(T, window, H, Hkv):
     """T not a multiple of the 128-position blocks, grouped-query heads, a window of one position."""
