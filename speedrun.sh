@@ -79,7 +79,7 @@ case "$PRESET" in
       --spelling-bee-size 60000 --spelling-bee-style short --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     # RL where this model earns reward: SpellingBee (GSM8K is out of its reach)
     RL="--task spellingbee --num-iterations 60 --examples-per-step 4 --num-samples 8 --device-batch-size 8
-      --max-new-tokens 32 --init-lr-frac 0.3 --eval-every 60 --eval-examples 48"
+      --max-new-tokens 32 --eval-every 60 --eval-examples 48"
     CHAT_EVAL="--max-problems 32 --max-new-tokens 64" ;;
   micro)
     DEPTH="${DEPTH:-2}"; SHARDS=1
