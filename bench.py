@@ -8,18 +8,33 @@
     python bench.py gpu --smoke          the same sections with a tiny model, on any machine
 """
 import argparse
-
-# ---- train (owner: model work) ----
+import contextlib
+import copy
+import gc
+import glob
+import http.client
+import importlib
 import importlib.util
+import json
 import os
+import pathlib
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 
+import pyarrow.parquet as pq
+import rustbpe
 import torch
 
 import common
 import model
+from model import COMPUTE_DTYPE, build_gpt, config_for_depth
+
+# ---- train ----
 
 
 def sync(device):
@@ -170,12 +185,6 @@ def add_train_parser(sub):
     p.set_defaults(func=bench_train)
 
 # ---- decode ----
-import contextlib
-import copy
-import importlib
-import sys
-
-from model import COMPUTE_DTYPE, build_gpt, config_for_depth
 
 
 def decode_setup(args):
@@ -384,11 +393,7 @@ def add_decode_parser(sub):
     p.set_defaults(func=bench_decode)
 
 
-# ---- tokenize (owner: tokenizer work) ----
-import glob
-
-import pyarrow.parquet as pq
-import rustbpe
+# ---- tokenize ----
 
 
 def shard_docs(path, doc_cap=None):
@@ -441,10 +446,7 @@ def add_tokenize_parser(sub):
     p.set_defaults(func=bench_tokenize)
 
 
-# ---- serve (owner: SERVE) ----
-import http.client
-import json
-import threading
+# ---- serve ----
 
 
 def stream_request(port, body):
@@ -561,11 +563,6 @@ def add_serve_parser(sub):
 
 
 # ---- gpu: one command that checks a GPU ----
-import gc
-import pathlib
-import subprocess
-import sys
-import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent
 

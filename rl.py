@@ -228,7 +228,7 @@ def main(args):
         step += 1
         dt = time.time() - t0
         eta = (time.time() - t_start) / (step - start_step) * (num_steps - step)
-        print0(f"step {step:05d}/{num_steps} | reward {stats['reward']:.3f} | seq len {stats['seq_len']:.1f} | "
+        print0(f"step {step - 1:05d}/{num_steps} | reward {stats['reward']:.3f} | seq len {stats['seq_len']:.1f} | "
                f"calculator calls {stats['calculator_calls']} ({stats['calculator_results']} answered) | "
                f"loss {stats['loss']:.6f} | lrm {lrm:.3f} | {dt:.1f}s | eta {format_duration(eta)}")
         log_metrics(metrics_path, step=step - 1, **stats, lrm=lrm, dt=dt)

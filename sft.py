@@ -330,7 +330,7 @@ def main(args):
             raise NanochatError(f"train loss is {train_loss} at step {step}: lower the learning rates")
         dt = time.time() - t0
         eta = (time.time() - t_start) * (1 - progress) / max(progress - start_progress, 1e-9)
-        print0(f"step {step:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | progress {progress:.1%}"
+        print0(f"step {step - 1:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | {dt * 1000:.0f} ms | progress {progress:.1%}"
                f" | truncated {packer_state['truncated']} skipped {packer_state['skipped']} | eta {format_duration(eta)}")
         log_metrics(metrics_path, step=step - 1, loss=train_loss, lrm=lrm, dt=dt, progress=progress,
                     supervised_tokens=int(supervised.item()), truncated=packer_state["truncated"],
