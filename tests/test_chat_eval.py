@@ -5,7 +5,9 @@ import torch
 from common import NanochatError, load_model
 from common import CHAT_TASKS, chatcore, letter_token_ids, parse_chat_tasks, run_categorical, run_generative
 from test_chain import chain_dir, run_script
-from test_rl import OneQuestion, one_thread, tool_calling_model  # noqa: F401 (autouse fixture)
+from test_rl import OneQuestion, tool_calling_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def test_chatcore_centers_on_chance_and_needs_every_task():
