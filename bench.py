@@ -42,19 +42,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_ceiling(device, dtype, n=2048, repeats=5):
-    """GFLOP/s of the best of a few n x n matmuls in `dtype`: what this machine's matmul units deliver at best,
-    the ceiling a training step's achieved GFLOP/s is compared with."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b  # warm-up (thread pool, kernel selection)
+def best_seconds(fn, device, repeats=5):
+    """The fastest of a few timed calls of fn, after one warm-up call (thread pool, kernel selection)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        fn()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return best
+
+
+def matmul_ceiling(device, dtype, n=2048, repeats=5):
+    """GFLOP/s of the best of a few n x n matmuls in `dtype`: what this machine's matmul units deliver at best,
+    the ceiling a training step's achieved GFLOP/s is compared with."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, device, repeats) / 1e9
 
 
 def load_model_file(folder):
@@ -271,15 +276,7 @@ def bandwidth_ceiling(device, megabytes=256, repeats=5):
     decode step (every weight read once) can reach at best on this machine, measured in the same run."""
     n = int((megabytes * 2 ** 20 / 4) ** 0.5)
     w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
-    w @ x
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        w @ x
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return w.numel() * 4 / best / 1e9
+    return w.numel() * 4 / best_seconds(lambda: w @ x, device, repeats) / 1e9
 
 
 def weight_bytes(gpt):
