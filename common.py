@@ -2160,6 +2160,10 @@ class SpellingBee(AnswerGraded, Task):
         call = [{"type": "python", "text": f"'{word}'.count('{letter}')"},
                 {"type": "python_output", "text": str(count)}]
         if self.style == "short":
+            # the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
+            # the question's tokens one for one: ' strawberry' is [' stra', 'w', 'ber', 'ry'] as in the
+            # question, while 'strawberry' is ["'s", 't', 'ra', ...], a respelling a tiny model gets wrong
+            call[0]["text"] = f"' {word}'.count('{letter}')"
             parts = call + [{"type": "text", "text": f"\n\n#### {count}"}]
             return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
         walk, running = [], 0

@@ -146,6 +146,8 @@ def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, mo
         parts = short[i]["messages"][-1]["content"]
         assert [p["type"] for p in parts] == ["python", "python_output", "text"]
         word, letter = parts[0]["text"].split("'")[1], parts[0]["text"].split("'")[3]
+        assert word == " " + word.strip()  # the question's token for the word, space included
+        word = word.strip()
         assert word in short[i]["messages"][0]["content"]
         assert use_calculator(parts[0]["text"]) == parts[1]["text"] == str(word.count(letter))
         assert parts[2]["text"] == f"\n\n#### {parts[1]['text']}"
