@@ -265,24 +265,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(ReluSquared.apply(self.c_fc(x)))
-
-
-class ReluSquared(torch.autograd.Function):
-    """relu(x)^2 with its gradient 2 relu(x) g in two passes: autograd's relu-then-square makes six over the
-    (tokens, 4 n_embd) activations (relu, square, pow(r, 1), two products, relu's mask), the largest ones in
-    a block (measured on a CPU: -15% time for an MLP's forward and backward at the demo's shape). The values
-    are those of F.relu(x).square() bit for bit: a factor 2 rounds nothing."""
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad):
-        r, = ctx.saved_tensors
-        return (grad * r).mul_(2)
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
@@ -436,8 +419,10 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)
         x0, x_backout, L = x, None, self.config.n_layer
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+        # the scalars unbound once, not indexed in every layer: at batch 1 each op counts
+        lambdas = zip(self.resid_lambdas.unbind(), self.x0_lambdas.unbind())
+        for i, (block, (resid_lambda, x0_lambda)) in enumerate(zip(self.transformer.h, lambdas)):
+            x = resid_lambda * x + x0_lambda * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == L // 2:
@@ -505,9 +490,9 @@ class DecodeLinear(Linear):
     def forward(self, x):
         rows = x.reshape(-1, x.size(-1))
         if self.dtype == "int8a8":  # activations quantized too, one scale per row: an int8 x int8 matmul
-            # few ops: at batch 1 each costs more than its arithmetic (self.scales holds the weight scales / 127)
-            row_max = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
-            y = torch._int_mm((rows * (127 / row_max)).round_().to(torch.int8), self.qweight.t()) * (row_max * self.scales)
+            # few ops, in place where possible: at batch 1 each costs more than its arithmetic
+            row_scale = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12).div_(127)
+            y = torch._int_mm((rows / row_scale).round_().to(torch.int8), self.qweight.t()) * (row_scale * self.scales)
         elif self.dtype == "int8":
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.scales)
         else:
@@ -566,7 +551,7 @@ def set_decode_dtype(gpt, dtype="auto"):
         if dtype.startswith("int8"):
             scales = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127
             m.register_buffer("qweight", (weight.float() / scales[:, None]).round().to(torch.int8))
-            m.register_buffer("scales", scales.to(torch.bfloat16) if dtype == "int8" else scales / 127)
+            m.register_buffer("scales", scales.to(torch.bfloat16 if dtype == "int8" else torch.float32))
         else:
             m.register_buffer("qweight", weight.to(torch.bfloat16))
         m.dtype = dtype
