@@ -544,9 +544,9 @@ def add_serve_parser(sub):
     p = sub.add_parser("serve", help="serve.py under concurrent clients, batching off and on (defaults: the CPU "
                        "demo model)")
     p.add_argument("--stage", default="", help="serve a saved checkpoint (base|sft|rl) instead of random weights")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--window-pattern", default="L")
     p.add_argument("--prompt-tokens", type=int, default=32)
