@@ -2157,13 +2157,13 @@ class SpellingBee(AnswerGraded, Task):
         question = rng.choice(SPELLING_TEMPLATES).format(letter=quote(letter, rng), word=quote(word, rng))
         question = question.lower() if rng.random() < 0.3 else question
         question += "?" if rng.random() < 0.5 else ""
-        call = [{"type": "python", "text": f"'{word}'.count('{letter}')"},
+        # short: the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
+        # the question's tokens one for one: ' strawberry' is [' stra', 'w', 'ber', 'ry'] as in the question,
+        # while 'strawberry' is ["'s", 't', 'ra', ...], a respelling a tiny model gets wrong
+        quoted = f"' {word}'" if self.style == "short" else f"'{word}'"
+        call = [{"type": "python", "text": f"{quoted}.count('{letter}')"},
                 {"type": "python_output", "text": str(count)}]
         if self.style == "short":
-            # the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
-            # the question's tokens one for one: ' strawberry' is [' stra', 'w', 'ber', 'ry'] as in the
-            # question, while 'strawberry' is ["'s", 't', 'ra', ...], a respelling a tiny model gets wrong
-            call[0]["text"] = f"' {word}'.count('{letter}')"
             parts = call + [{"type": "text", "text": f"\n\n#### {count}"}]
             return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
         walk, running = [], 0

@@ -152,6 +152,29 @@ def test_a_calculator_call_in_one_row_while_others_decode(tok):
     assert len(got[0]) == len(got[2]) == 20 and special("<|python_start|>") not in got[0] + got[2]
 
 
+def test_decode_weights_in_fp32_give_the_training_models_logits(tok):
+    """set_decode_dtype fuses c_q, c_k, c_v into one matrix and rotates/norms q and k together: with grouped-query
+    heads (4 query, 2 kv), a prefill and cached one-token steps give the unconverted model's logits."""
+    import copy
+    from model import GPTConfig, build_gpt, set_decode_dtype
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = build_gpt(config, "cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * (p.shape[-1] ** -0.5 if p.dim() == 2 else 0.5))
+    decoding = copy.deepcopy(model)
+    assert set_decode_dtype(decoding, "fp32") == "fp32"
+    assert all(b.attn.c_qkv is not None and not hasattr(b.attn, "c_q") for b in decoding.transformer.h)
+    ids = torch.tensor([prompts_of(tok)[1]])
+    with torch.inference_mode():
+        torch.testing.assert_close(decoding(ids), model(ids), rtol=1e-5, atol=1e-5)
+        caches = [m.new_kv_cache(1, ids.size(1)) for m in (model, decoding)]
+        for t in range(ids.size(1)):  # one token at a time through the KV cache
+            expected, got = (m(ids[:, t:t + 1], kv_cache=c) for m, c in zip((model, decoding), caches))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int8a8"])
 def test_lower_precision_decode_weights_stay_close_to_fp32(tok, dtype):
     from model import DecodeLinear, GPTConfig, build_gpt, set_decode_dtype

@@ -378,4 +378,3 @@ def test_compute_dtype_override_and_bad_value():
     if not torch.cuda.is_available():
         assert model.COMPUTE_DTYPE == (getattr(torch, os.environ["NANOCHAT_DTYPE"]) if "NANOCHAT_DTYPE" in os.environ
                                        else torch.float32)
-
