@@ -304,6 +304,9 @@ def decode_variants(args, base, tokenizer):
     for dtype in args.decode_dtypes:
         engine = common.Engine(copy.deepcopy(base), tokenizer, dtype)
         variants.setdefault(f"this tree {engine.decode_dtype}", (engine, None))  # auto may repeat one
+        if args.compile:
+            engine = common.Engine(copy.deepcopy(base), tokenizer, dtype, compile=True)
+            variants.setdefault(f"{engine.decode_dtype} compiled", (engine, None))
     return variants
 
 
@@ -383,6 +386,8 @@ def add_decode_parser(sub):
     p.add_argument("--bpb-steps", type=int, default=8, help="validation batches for the bpb of each dtype (--stage)")
     p.add_argument("--compare-with", default="", help="another checkout (e.g. `git worktree add /tmp/old f3ddfd2`): "
                    "its engine on the same weights, timed first in each round")
+    p.add_argument("--compile", action="store_true", help="also time each dtype with compiled decode steps "
+                   "(Engine compile=True; the warm-up round compiles, 20-50 s a batch size)")
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
                    "rows from the batch with keeping them (the reference), by useful tokens/s")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -483,11 +488,12 @@ def bench_serve(args):
         gpt, tokenizer, _ = decode_setup(args)
     dtype = model.set_decode_dtype(gpt, args.decode_dtype)
     max_batch = args.max_batch or serve.default_max_batch(gpt)
-    servers = {"one at a time": serve.make_server([serve.Replica(0, gpt, tokenizer, max_batch=1, max_queue=1024)],
-                                                   "127.0.0.1", 0, max_tokens=args.decode_tokens),
+    servers = {"one at a time": serve.make_server(
+                   [serve.Replica(0, gpt, tokenizer, max_batch=1, max_queue=1024, compile=args.compile)],
+                   "127.0.0.1", 0, max_tokens=args.decode_tokens),
                f"batched ({max_batch} rows)": serve.make_server(
-                   [serve.Replica(0, gpt, tokenizer, max_batch=max_batch, max_queue=1024)], "127.0.0.1", 0,
-                   max_tokens=args.decode_tokens)}
+                   [serve.Replica(0, gpt, tokenizer, max_batch=max_batch, max_queue=1024, compile=args.compile)],
+                   "127.0.0.1", 0, max_tokens=args.decode_tokens)}
     for server in servers.values():
         threading.Thread(target=server.serve_forever, daemon=True).start()
     text = "hello" * max(1, args.prompt_tokens // len(tokenizer.encode(" hello")))  # ~--prompt-tokens tokens
@@ -555,6 +561,8 @@ def add_serve_parser(sub):
     p.add_argument("--repeats", type=int, default=2, help="requests each client sends, one after the other")
     p.add_argument("--max-batch", type=int, default=0, help="rows of the batched server (0: serve.py's default)")
     p.add_argument("--decode-dtype", default="auto", choices=model.DECODE_DTYPES)
+    p.add_argument("--compile", action="store_true", help="both servers with compiled decode steps (as serve.py on a "
+                   "CPU)")
     p.add_argument("--device-type", default="")
     p.set_defaults(func=bench_serve)
 
@@ -678,11 +686,12 @@ def bench_gpu(args):
         section("device batch auto", f"d{big['depth']}, seq {big['seq_len']}, at most {auto_max}",
                 None if cuda else "needs CUDA", auto_batch)
         rates = section("decode", f"d{served['depth']}, KV cache, batch 1/8/32", None,
-                        lambda: run_subcommand("decode", *flags(**served), *decode, "--batch-sizes", "1,8,32"))
+                        lambda: run_subcommand("decode", *flags(**served), *decode, "--batch-sizes", "1,8,32",
+                                               *compile_flag))
         if rates:
             rows.pop()
-            rows += [("decode", f"d{served['depth']}, KV cache, batch {b}", tok_s, None, None, "")
-                     for (b, _), tok_s in rates.items()]
+            rows += [("decode", f"d{served['depth']}, KV cache, batch {b}, {name.removeprefix('this tree ')}", tok_s,
+                      None, None, "") for (b, name), tok_s in rates.items()]
         first = section("serve", f"d{served['depth']}, one request through serve.py", None,
                         lambda: run_subcommand("serve", *flags(**served), *serve))
         if first:

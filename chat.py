@@ -35,6 +35,8 @@ def parse_args():
     parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
                         help="weight precision for decoding (auto: int8a8 on a CPU for matrices over 32 MB, "
                              "else the compute dtype)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode steps through torch.compile: faster tokens after a slow first reply (compiling)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
     return parser.parse_args()
 
@@ -105,7 +107,7 @@ def main():
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation itself
         _, _, _, _, device = compute_init(args.device_type)
         model, tokenizer, _ = load_model(args.stage, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer, args.decode_dtype)  # inference only: weights stored for decoding once
+    engine = Engine(model, tokenizer, args.decode_dtype, args.compile)  # inference only: weights stored once
     settings = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     messages = []
     if args.prompt is not None:

@@ -2266,11 +2266,14 @@ class Engine:
     dropped), so finished samples stop costing compute. When a row writes <|python_start|>expr<|python_end|>
     the engine runs use_calculator(expr) and forces <|output_start|>result<|output_end|> into that row.
     DecodeBatch runs the same steps (prefill, sample, next_token, step) for requests that come and go.
-    decode_dtype (model.DECODE_DTYPES) stores the model's matrices for inference in that precision first."""
+    decode_dtype (model.DECODE_DTYPES) stores the model's matrices for inference in that precision first;
+    compile=True runs the decode steps through torch.compile (GPT.compile_decode: faster steps, a slow first one)."""
 
-    def __init__(self, model, tokenizer, decode_dtype=None):
+    def __init__(self, model, tokenizer, decode_dtype=None, compile=False):
         self.model, self.tokenizer = model, tokenizer
         self.decode_dtype = set_decode_dtype(model, decode_dtype) if decode_dtype else None
+        if compile:
+            model.compile_decode()
         self.stop_tokens = ReplyParser(tokenizer).stops
         self.output_start, self.output_end = (tokenizer.encode_special(f"<|output_{s}|>") for s in ("start", "end"))
         self.drop_finished = True  # False: finished rows stay in the batch, as in the reference (bench.py A/B)
@@ -2386,7 +2389,8 @@ class DecodeBatch:
     def __init__(self, engine, max_rows, seq_len=None):
         self.engine, self.max_rows = engine, max_rows
         self.seq_len = seq_len or engine.model.config.sequence_len
-        self.cache = engine.model.new_kv_cache(max_rows, self.seq_len)
+        with torch.inference_mode():  # like Engine.generate's caches: one compiled graph serves both
+            self.cache = engine.model.new_kv_cache(max_rows, self.seq_len)
         self.rows, self.logits = [], None  # rows in the cache's order; their next-token logits (B, V)
 
     @torch.inference_mode()
@@ -2404,6 +2408,17 @@ class DecodeBatch:
         self.rows.append(row)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         return row
+
+    def warm_up(self):
+        """A few steps at one row, then at two, until the batch is empty again: with a compiled engine the
+        compiling (a graph for one row, one for several) happens here, not in a user's request."""
+        prompt = [self.engine.tokenizer.get_bos_token_id()] * 4
+        self.join(prompt, max_tokens=4, temperature=0.0)
+        self.step()
+        if self.max_rows > 1:
+            self.join(prompt, max_tokens=4, temperature=0.0)
+        while self.rows:
+            self.step()
 
     @torch.inference_mode()
     def leave(self, row):

@@ -17,7 +17,8 @@ DistributedDataParallel. torch.compile(gpt) works too (the chunked loss stays ea
 Parameter names equal the reference nanochat's state-dict keys; load_gpt also reads its checkpoints. With
 enable_fp8(gpt) the block matrices train in fp8 (CUDA capability 8.9+, or slowly on the CPU); fp8_disabled(gpt)
 for evaluation. For inference, set_decode_dtype(gpt, "int8") stores the matrices in int8 (or bf16), and a KVCache
-can hold rows at different positions (continuous batching: KVCache.set_row, move_row).
+can hold rows at different positions (continuous batching: KVCache.set_row, move_row); gpt.compile_decode() runs
+the decode steps through torch.compile.
 """
 import contextlib
 import ctypes
@@ -25,6 +26,7 @@ import functools
 import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +225,7 @@ class CausalSelfAttention(nn.Module):
         if has_value_embedding(layer_idx, config.n_layer):
             self.ve_gate = Linear(12, config.n_kv_head)  # per kv-head gate from the first 12 channels
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
+    def forward(self, x, ve, cos, sin, window, cache=None):
         B, T, C = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         if self.c_qkv is None:
@@ -238,22 +240,18 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, hd)
         lengths = None
-        if kv_cache is not None:  # write this chunk into the cache, attend over everything cached so far
-            pos, positions = kv_cache.pos, kv_cache.positions
-            # the first B rows: a continuous batch's cache holds spare ones
-            k_cache, v_cache = (c[:B] for c in kv_cache.get_layer_cache(self.layer_idx))
-            if positions is None:
-                k_cache[:, pos:pos + T] = k
-                v_cache[:, pos:pos + T] = v
-            else:  # rows at different positions (T is 1): each row writes at its own
-                rows = torch.arange(B, device=x.device)
-                k_cache[rows, positions] = k[:, 0]
-                v_cache[rows, positions] = v[:, 0]
-                lengths = positions + 1
-            if positions is not None and USE_FA3:
-                k, v = k_cache, v_cache  # FA3 reads the cache whole, up to each row's length
-            else:
-                k, v = k_cache[:, :pos + T], v_cache[:, :pos + T]
+        if cache is not None:  # write this chunk at each row's positions, attend over the cache up to kv_len
+            k_cache, v_cache, rows, slots, kv_len = cache  # this layer's (batch, time, heads, dim) cache
+            if slots is None:  # rows at equal positions: a slice, and attention without a mask
+                k_cache[:B, kv_len - T:kv_len] = k
+                v_cache[:B, kv_len - T:kv_len] = v
+            else:  # each row at its own position (continuous batching; T is 1)
+                k_cache[rows, slots] = k
+                v_cache[rows, slots] = v
+                lengths = slots[:, 0] + 1
+            full = lengths is not None and USE_FA3  # FA3 reads the cache whole, up to each row's length
+            # the view keeps the head sizes plain ints when torch.compile traces the cache's sizes as symbols
+            k, v = ((c[:B] if full else c[:B, :kv_len]).view(B, -1, Hkv, hd) for c in (k_cache, v_cache))
         y = attention(q, k, v, window, lengths=lengths)
         return self.c_proj(y.reshape(B, T, C))
 
@@ -274,8 +272,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+    def forward(self, x, ve, cos, sin, window, cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, cache)
         return x + self.mlp(norm(x))
 
 
@@ -306,6 +304,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.chunked_loss = True  # lm_head + softcap + cross-entropy in row chunks (see softcap_cross_entropy)
+        self.compiled_decode = None  # compile_decode(): decode steps through torch.compile
 
     def _window_sizes(self):
         """Left window per layer: L = the whole sequence, S = a quarter of it rounded up to 128; last layer L."""
@@ -403,65 +402,100 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) token ids. Returns fp32 logits (B, T, vocab_size) without targets, else the cross-entropy
-        (ignore_index=-1; loss_reduction 'mean', 'sum' or 'none' for per-token losses of shape (B*T,))."""
+        (ignore_index=-1; loss_reduction 'mean', 'sum' or 'none' for per-token losses of shape (B*T,)).
+        With a KVCache: inference on its first B rows (see forward_cached)."""
+        if kv_cache is not None:
+            return self.forward_cached(idx, kv_cache)
         B, T = idx.shape
-        pos = kv_cache.pos if kv_cache is not None else 0
-        if pos + T > self.rotary_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the rotary cache of {self.rotary_len} "
-                             f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
-        if kv_cache is not None and pos + T > kv_cache.k_cache.size(2):
-            raise ValueError(f"the KV cache holds {kv_cache.k_cache.size(2)} positions, {pos + T} needed")
-        if kv_cache is not None and kv_cache.set_positions(B, T) is not None:  # rows at different positions
-            positions = kv_cache.positions
-            cos, sin = self.cos[0, positions].unsqueeze(1), self.sin[0, positions].unsqueeze(1)  # (B, 1, 1, hd)
-        else:
-            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        self._check_positions(T)
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
-        x = self._smear(x, kv_cache)
+        x = self.hidden_states(idx, self._smear(x), self.cos[:, :T], self.sin[:, :T])
+        if isinstance(self.lm_head, DecodeLinear) or targets is None or not self.chunked_loss or \
+                loss_reduction == "none":
+            logits = self.logits(x)
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
+        weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
+        return softcap_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), loss_reduction)
+
+    def _check_positions(self, end):
+        if end > self.rotary_len:
+            raise ValueError(f"positions up to {end - 1} exceed the rotary cache of {self.rotary_len} "
+                             f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
+
+    def hidden_states(self, idx, x, cos, sin, kv=None):
+        """The blocks over the (smeared) embeddings x: -> the normalized last hidden states (B, T, n_embd).
+        kv: None (training), or (k layers, v layers, rows, slots, kv_len) of a cached forward (cached_logits)."""
         x0, x_backout, L = x, None, self.config.n_layer
         # the scalars unbound once, not indexed in every layer: at batch 1 each op counts
         lambdas = zip(self.resid_lambdas.unbind(), self.x0_lambdas.unbind())
         for i, (block, (resid_lambda, x0_lambda)) in enumerate(zip(self.transformer.h, lambdas)):
             x = resid_lambda * x + x0_lambda * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            x = block(x, ve, cos, sin, self.window_sizes[i], None if kv is None else (kv[0][i], kv[1][i], *kv[2:]))
             if i == L // 2:
                 x_backout = x
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
-        if isinstance(self.lm_head, DecodeLinear):  # decode weights (set_decode_dtype), the padding cropped
-            logits = softcap(self.lm_head(x).float())
-            if targets is None:
-                return logits
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
-        weight = self.lm_head.weight[:self.config.vocab_size]  # crop the vocab padding
-        if targets is None:
-            return softcap(F.linear(x, weight.to(x.dtype)).float())
-        if self.chunked_loss and loss_reduction in ("mean", "sum"):
-            return softcap_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), loss_reduction)
-        logits = softcap(F.linear(x, weight.to(x.dtype)).float())
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=loss_reduction)
+        return norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream
 
-    def _smear(self, x, kv_cache):
-        """Add to each position a gated share of the previous position's (pre-smear) embedding.
-        With a KV cache, the last embedding of the previous chunk is kept in the cache for the next one."""
-        prev = kv_cache.prev_embedding if kv_cache is not None else None
-        if prev is not None and prev.size(0) > x.size(0):  # a batch with spare rows: keep its row slots
-            shifted = torch.cat([prev[:x.size(0)].to(x.dtype), x[:, :-1]], dim=1)
-            prev[:x.size(0)] = x[:, -1:]
-            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
-            return x + gate * shifted
-        if kv_cache is not None:
-            kv_cache.prev_embedding = x[:, -1:].clone()
+    def logits(self, x):
+        """fp32 logits over the vocabulary (its padding cropped), softcapped."""
+        if isinstance(self.lm_head, DecodeLinear):  # decode weights (set_decode_dtype), already cropped
+            return softcap(self.lm_head(x).float())
+        return softcap(F.linear(x, self.lm_head.weight[:self.config.vocab_size].to(x.dtype)).float())
+
+    def _smear(self, x, prev=None):
+        """Add to each position a gated share of the previous position's (pre-smear) embedding; prev (B, 1, D): the
+        one before the first position (a KV cache keeps it between chunks), None at the start of a sequence."""
         if prev is not None:
-            shifted = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
-            return x + gate * shifted
+            return x + gate * torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
         if x.size(1) == 1:
             return x
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
         return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+
+    @torch.no_grad()  # the cache is written in place: no gradients through it
+    def forward_cached(self, idx, kv_cache):
+        """Inference on the first B rows of kv_cache: T new tokens a row (rows at different positions take T=1),
+        their keys and values written at each row's length, which then advances by T. Returns fp32 logits
+        (B, T, V). Decode steps go through the compiled cached_logits after compile_decode()."""
+        B, T = idx.shape
+        lengths = kv_cache.lengths[:B]
+        if T > 1 and min(lengths) != max(lengths):
+            raise ValueError(f"rows at different positions decode one token at a time, got {T}")
+        end = max(lengths) + T
+        self._check_positions(end)
+        if end > kv_cache.k_cache.size(2):
+            raise ValueError(f"the KV cache holds {kv_cache.k_cache.size(2)} positions, {end} needed")
+        prev = kv_cache.prev_embedding
+        compiled = T == 1 and self.compiled_decode is not None
+        # positions as a tensor for rows at different positions, and always when compiled (one graph for both)
+        positions = kv_cache.cache_seqlens[:B].long() if compiled or min(lengths) != max(lengths) else None
+        args = (self, idx, kv_cache.k_layers, kv_cache.v_layers, positions, None if prev is None else prev[:B], end)
+        try:
+            logits, last = (self.compiled_decode if compiled else cached_logits)(*args)
+        except Exception as e:
+            if not compiled:
+                raise
+            # torch.compile needs a working C++ compiler (or Triton on a GPU): decode eagerly instead
+            warnings.warn(f"compiled decoding failed ({type(e).__name__}: {str(e)[:200]}); decoding without it")
+            self.compiled_decode = None
+            logits, last = cached_logits(*args)
+        if prev is None or prev.size(0) == B:
+            # own memory, not a view of this step's activations; contiguous strides: a compiled step guards on them
+            kv_cache.prev_embedding = last.clone(memory_format=torch.contiguous_format)
+        else:  # a batch with spare rows (continuous batching): keep the others' slots
+            prev[:B] = last
+        kv_cache.advance(T)
+        return logits
+
+    def compile_decode(self):
+        """Run decode steps (one token a row, forward_cached) through torch.compile: one graph for every batch size
+        and position, ~1.7x the eager tokens/s at batch 1 on a CPU (bench.py decode --compile). The first step
+        compiles (10-50 s on a 2-core CPU, less when torch's compile cache has it), and so does the first of each
+        shape torch specializes: one row in a one-row cache, one row in a larger cache, several rows."""
+        self.compiled_decode = torch.compile(cached_logits, dynamic=True)
 
     def new_kv_cache(self, batch_size, seq_len):
         """An empty KV cache for `batch_size` rows of up to `seq_len` positions, on the model's device."""
@@ -478,6 +512,28 @@ class GPT(nn.Module):
             next_id = sample_next_token(self.forward(ids)[:, -1, :], rng, temperature, top_k)
             ids = torch.cat([ids, next_id[:, None]], dim=1)
             yield next_id.item()
+
+
+def cached_logits(gpt, idx, k_layers, v_layers, positions, prev, kv_len):
+    """gpt's forward of T tokens for each of B cached rows, as a function of tensors only (what compile_decode
+    compiles; forward_cached keeps the cache's bookkeeping outside). k_layers, v_layers: per-layer views
+    (batch, time, heads, dim) of the cache, written at positions + 0..T-1; positions (B,): each row's length, or
+    None when every row's is kv_len - T (no mask needed); prev: the smear state or None; kv_len: the longest
+    row's length after this step. Passing the layers as separate views lets torch.compile write them in place (a
+    slice of one cache tensor made it copy the whole cache every step).
+    -> (logits (B, T, V), the last position's embedding before smear (B, 1, n_embd))."""
+    B, T = idx.shape
+    if positions is None:
+        rows = slots = None
+        cos, sin = gpt.cos[:, kv_len - T:kv_len], gpt.sin[:, kv_len - T:kv_len]
+    else:
+        rows = torch.arange(B, device=idx.device)[:, None]
+        slots = positions[:, None] + torch.arange(T, device=idx.device)  # (B, T) cache positions of the new tokens
+        cos, sin = gpt.cos[0, slots], gpt.sin[0, slots]  # (B, T, 1, head_dim)
+    x = norm(gpt.transformer.wte(idx).to(COMPUTE_DTYPE))
+    x, last = gpt._smear(x, prev), x[:, -1:]
+    x = gpt.hidden_states(idx, x, cos, sin, kv=(k_layers, v_layers, rows, slots, kv_len))
+    return gpt.logits(x), last
 
 
 class DecodeLinear(Linear):
@@ -700,11 +756,17 @@ class KVCache:
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self._split_layers()
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.lengths = [0] * batch_size  # cache_seqlens on the host: no device sync per step
         self.pos = 0  # the longest of the rows in use, where a forward of equal-length rows writes
-        self.positions = None  # (B,) long, during a forward of rows at different positions
         self.prev_embedding = None  # (batch, 1, n_embd): normalized embedding of the last token seen
+
+    def _split_layers(self):
+        # one view per layer, each a tensor of its own for torch.compile (see cached_logits); select, not unbind,
+        # whose views cannot be written in place outside inference mode
+        self.k_layers = [self.k_cache[i] for i in range(self.k_cache.size(0))]
+        self.v_layers = [self.v_cache[i] for i in range(self.v_cache.size(0))]
 
     def reset(self):
         self.cache_seqlens.zero_()
@@ -712,23 +774,8 @@ class KVCache:
         self.pos = 0
         self.prev_embedding = None
 
-    def set_positions(self, B, T):
-        """Before a forward of the first B rows: their positions as a tensor when they differ (T must be 1), else
-        None, the fast path of equal lengths, which is also every training and single-prompt forward."""
-        lengths = self.lengths[:B]
-        if min(lengths) == max(lengths):
-            self.positions = None
-        elif T != 1:
-            raise ValueError(f"rows at different positions decode one token at a time, got {T}")
-        else:
-            self.positions = self.cache_seqlens[:B].long()
-        return self.positions
-
     def get_pos(self):
         return self.pos
-
-    def get_layer_cache(self, layer_idx):
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
@@ -748,12 +795,14 @@ class KVCache:
         self.lengths = [n] * len(self.lengths)
         self.pos = n
         prev = other.prev_embedding
-        self.prev_embedding = None if prev is None else prev.expand(self.k_cache.size(1), -1, -1).clone()
+        self.prev_embedding = None if prev is None else \
+            prev.expand(self.k_cache.size(1), -1, -1).clone(memory_format=torch.contiguous_format)
 
     def keep_rows(self, rows):
         """Shrink the batch to `rows` (a LongTensor of indices), so finished samples stop costing compute."""
         self.k_cache = self.k_cache.index_select(1, rows)
         self.v_cache = self.v_cache.index_select(1, rows)
+        self._split_layers()
         self.cache_seqlens = self.cache_seqlens.index_select(0, rows)
         self.lengths = [self.lengths[i] for i in rows.tolist()]
         if self.prev_embedding is not None:

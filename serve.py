@@ -31,8 +31,10 @@ to float rounding). Beyond the batch, requests wait in a queue of at most --max-
 full the answer is 503 with a Retry-After header, and a request that waited 300 s without a row gets 503 too.
 --max-batch 1 serves one request at a time. --decode-dtype sets the precision of the weights for decoding
 (auto: int8 weights and activations on the CPU for models whose matrices take over 32 MB, else the compute
-dtype). No CORS headers: only the page served here (same origin) can call the API from a browser.
+dtype); --compile (the default on a CPU) runs the decode steps through torch.compile, compiled at start.
+No CORS headers: only the page served here (same origin) can call the API from a browser.
 """
+import argparse
 import collections
 import contextlib
 import http.server
@@ -93,12 +95,15 @@ class Replica:
     request and returns the queue its events arrive on: ("token", id)..., then ("end", finish_reason) or
     ("error", exception). A request whose job gets "cancelled" set leaves the batch before the next step."""
 
-    def __init__(self, replica_id, model, tokenizer, max_batch=None, max_queue=64, decode_dtype=None):
+    def __init__(self, replica_id, model, tokenizer, max_batch=None, max_queue=64, decode_dtype=None, compile=False):
         self.id, self.model, self.tokenizer = replica_id, model, tokenizer
-        self.engine = Engine(model, tokenizer, decode_dtype)
+        self.engine = Engine(model, tokenizer, decode_dtype, compile)
         self.device, self.max_context = model.get_device(), model.config.sequence_len
         self.max_batch, self.max_queue = max_batch or default_max_batch(model), max_queue
         self.batch = DecodeBatch(self.engine, self.max_batch)
+        if compile:
+            log.info(f"replica {replica_id}: compiling the decode steps (10-60 s)")
+            self.batch.warm_up()
         self.waiting, self.wakeup = collections.deque(), threading.Condition()
         threading.Thread(target=self.run, name=f"replica-{replica_id}", daemon=True).start()
 
@@ -560,6 +565,9 @@ def parse_args():
     parser.add_argument("--decode-dtype", default="auto", choices=DECODE_DTYPES,
                         help="weight precision for decoding (auto: int8a8 on a CPU for matrices over 32 MB, "
                              "else the compute dtype)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps through torch.compile, compiled at start (default: on a CPU, where it "
+                             "measured faster; --no-compile starts at once)")
     parser.add_argument("--port", type=int_flag(0, 65535), default=8000, help="TCP port (0 = any free one)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
@@ -583,12 +591,14 @@ def main():
         except NanochatError as e:
             hint = f" (make one with `python {STAGE_SCRIPTS[args.stage]}`, or pick --stage/--model-tag)"
             raise NanochatError(f"{e}{hint if str(e).startswith('no ') and '`' not in str(e) else ''}") from None
-        server.add_replica(Replica(i, model, tokenizer, args.max_batch, args.max_queue, args.decode_dtype))
+        compile = device.type == "cpu" if args.compile is None else args.compile
+        server.add_replica(Replica(i, model, tokenizer, args.max_batch, args.max_queue, args.decode_dtype, compile))
     server.model_name = f"nanochat-{args.stage}-{meta['model_tag']}"
     replica = server.replicas[0]
     log.info(f"serving {server.model_name} with {len(devices)} replica(s) on {devices[0].type}, {replica.max_batch} "
              f"requests decoded at once and {replica.max_queue} waiting per replica, {replica.engine.decode_dtype} "
-             f"decode weights: http://{args.host}:{server.server_address[1]}/  (Ctrl+C stops)")
+             f"decode weights{', compiled' if model.compiled_decode is not None else ''}: "
+             f"http://{args.host}:{server.server_address[1]}/  (Ctrl+C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -206,3 +206,40 @@ def test_quantized_rows_decoded_together_get_the_tokens_they_get_alone(tok, dtyp
     requests = [(p, n, s) for p, n, s in zip(prompts_of(tok), (20, 12, 25, 16), SETTINGS)]
     expected = [alone(engine, *r) for r in requests]
     assert run_batch(DecodeBatch(engine, max_rows=4, seq_len=512), requests, joins=[0, 1, 1, 4]) == expected
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8a8"])
+def test_compiled_decode_steps_give_the_eager_tokens_without_recompiling(tok, dtype):
+    """GPT.compile_decode: after DecodeBatch.warm_up (what serve.py runs at start), requests joining at different
+    steps (rows at different positions, 1 to 4 rows, rows leaving) get the tokens the eager engine gives each
+    alone, and no position or batch size compiles again. Engine.generate's one-row cache may take one more graph
+    (torch.compile specializes sizes of 1)."""
+    import torch._dynamo
+    eager = Engine(make_model(tok.get_vocab_size(), sequence_len=512), tok, decode_dtype=dtype)
+    compiled = Engine(make_model(tok.get_vocab_size(), sequence_len=512), tok, decode_dtype=dtype, compile=True)
+    requests = [(p, n, s) for p, n, s in zip(prompts_of(tok), (20, 12, 25, 16), SETTINGS)]
+    expected = [alone(eager, *r) for r in requests]
+    torch._dynamo.reset()
+    batch = DecodeBatch(compiled, max_rows=4, seq_len=512)
+    batch.warm_up()
+    assert batch.rows == [] and compiled.model.compiled_decode is not None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run_batch(batch, requests, joins=[0, 1, 1, 4]) == expected
+    assert compiled.model.compiled_decode is not None  # a recompile would have failed it over to eager decoding
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        assert alone(compiled, *requests[1]) == expected[1]
+    assert compiled.model.compiled_decode is not None
+
+
+def test_a_failing_compile_falls_back_to_eager_decoding(tok):
+    """Where torch.compile cannot work (no C++ compiler), decoding warns once and goes on eagerly, same tokens."""
+    eager = Engine(make_model(tok.get_vocab_size()), tok)
+    broken = Engine(make_model(tok.get_vocab_size()), tok)
+
+    def no_compiler(*args):
+        raise RuntimeError("no working C++ compiler found")
+    broken.model.compiled_decode = no_compiler
+    prompt = prompts_of(tok)[1]
+    with pytest.warns(UserWarning, match="compiled decoding failed.*no working C"):
+        got = alone(broken, prompt, 10, SETTINGS[1])
+    assert broken.model.compiled_decode is None and got == alone(eager, prompt, 10, SETTINGS[1])
