@@ -420,6 +420,7 @@ class GPT(nn.Module):
         return softcap_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), loss_reduction)
 
     def _check_positions(self, end):
+        """Positions 0..end-1 must have rotary angles (the tables hold 10 x sequence_len)."""
         if end > self.rotary_len:
             raise ValueError(f"positions up to {end - 1} exceed the rotary cache of {self.rotary_len} "
                              f"positions (10 x sequence_len): use shorter inputs or a larger sequence_len")
@@ -433,7 +434,8 @@ class GPT(nn.Module):
         for i, (block, (resid_lambda, x0_lambda)) in enumerate(zip(self.transformer.h, lambdas)):
             x = resid_lambda * x + x0_lambda * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], None if kv is None else (kv[0][i], kv[1][i], *kv[2:]))
+            layer_cache = None if kv is None else (kv[0][i], kv[1][i], *kv[2:])  # this layer's k, v and the slots
+            x = block(x, ve, cos, sin, self.window_sizes[i], layer_cache)
             if i == L // 2:
                 x_backout = x
         return norm(x - self.backout_lambda.to(x.dtype) * x_backout)  # subtract part of the mid-depth stream

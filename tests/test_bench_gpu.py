@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -34,9 +35,11 @@ def test_smoke_runs_every_section_and_prints_one_table():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = table_rows(proc.stdout)
     variants = 2 if torch.cuda.is_available() else 1  # on a GPU the decode steps are also timed compiled
+    log = pathlib.Path(tempfile.gettempdir(), "bench_gpu.log")  # what each section printed: why one failed
+    why = proc.stdout + (log.read_text()[-4000:] if log.exists() else "")
     assert [r["section"] for r in rows] == ["cuda tests"] + ["train d2"] * 4 + ["train d3"] * 2 \
-        + ["device batch auto"] + ["decode"] * 3 * variants + ["serve"]
-    assert not any(r["result"].startswith("FAILED") for r in rows), rows
+        + ["device batch auto"] + ["decode"] * 3 * variants + ["serve"], why
+    assert not any(r["result"].startswith("FAILED") for r in rows), why
     train = [r for r in rows if r["section"].startswith("train")]
     assert [("SSSL" in r["config"], "fp8" in r["config"]) for r in train] == [
         (True, False), (True, True), (False, False), (False, True), (True, False), (True, True)]
