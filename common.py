@@ -2269,11 +2269,14 @@ class Engine:
     decode_dtype (model.DECODE_DTYPES) stores the model's matrices for inference in that precision first;
     compile=True runs the decode steps through torch.compile (GPT.compile_decode: faster steps, a slow first one)."""
 
-    def __init__(self, model, tokenizer, decode_dtype=None, compile=False):
+    def __init__(self, model, tokenizer, decode_dtype=None, compile=False, prefix_tokens=0):
         self.model, self.tokenizer = model, tokenizer
         self.decode_dtype = set_decode_dtype(model, decode_dtype) if decode_dtype else None
         if compile:
             model.compile_decode()
+        # prefix cache: prompt (a tuple of ids) -> its batch-1 KV cache, least recently used first; at most
+        # prefix_tokens positions in all (0: off; only for fixed weights: RL changes them between prompts)
+        self.prefixes, self.prefix_tokens = collections.OrderedDict(), prefix_tokens
         self.stop_tokens = ReplyParser(tokenizer).stops
         self.output_start, self.output_end = (tokenizer.encode_special(f"<|output_{s}|>") for s in ("start", "end"))
         self.drop_finished = True  # False: finished rows stay in the batch, as in the reference (bench.py A/B)
@@ -2297,10 +2300,30 @@ class Engine:
         return token, mask
 
     def prefill(self, tokens):
-        """Run a prompt on a batch-1 cache of its length: -> (next-token logits (1, V), the cache)."""
+        """Run a prompt on a batch-1 cache of its length: -> (next-token logits (1, V), the cache). With a prefix
+        cache, the longest stored prompt this one starts with (an earlier turn of the same conversation) is copied
+        instead of recomputed, and this prompt is stored in turn. The cache returned is full: callers copy it."""
         cache = self.model.new_kv_cache(1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
-        return self.model(ids, kv_cache=cache)[:, -1, :], cache
+        stored = self.stored_prefix(tokens)
+        if stored is not None:
+            cache.prefill(stored)
+        ids = torch.tensor([tokens[cache.pos:]], dtype=torch.long, device=self.model.get_device())
+        logits = self.model(ids, kv_cache=cache)[:, -1, :]
+        if 0 < len(tokens) <= self.prefix_tokens:
+            self.prefixes[tuple(tokens)] = cache
+            while sum(map(len, self.prefixes)) > self.prefix_tokens:
+                self.prefixes.popitem(last=False)
+        return logits, cache
+
+    def stored_prefix(self, tokens):
+        """The cache of the longest stored prompt that `tokens` extends (None if there is none); it becomes the
+        most recently used."""
+        best = max((key for key in self.prefixes if len(key) < len(tokens) and tuple(tokens[:len(key)]) == key),
+                   key=len, default=None)
+        if best is None:
+            return None
+        self.prefixes.move_to_end(best)
+        return self.prefixes[best]
 
     def sample(self, logits, rows):
         """(B, V) logits -> B token ids, each row with its own settings and generator. Rows with the same

@@ -27,8 +27,10 @@ one token for all of them per step (decoding is bound by reading the weights, so
 than one row). A new request goes to the least busy replica, is prefilled alone and joins the batch between
 two steps; a request that ends, reaches its max_tokens or whose client goes away leaves at once, freeing its
 row. Each keeps its own settings and seed: a seeded or greedy request gets the tokens it would get alone (up
-to float rounding). Beyond the batch, requests wait in a queue of at most --max-queue per replica; when it is
-full the answer is 503 with a Retry-After header, and a request that waited 300 s without a row gets 503 too.
+to float rounding). Each replica keeps the KV caches of recent prompts (as many positions as its batch holds):
+the next turn of a conversation prefills only the reply and the new message. Beyond the batch, requests wait
+in a queue of at most --max-queue per replica; when it is full the answer is 503 with a Retry-After header,
+and a request that waited 300 s without a row gets 503 too.
 --max-batch 1 serves one request at a time. --decode-dtype sets the precision of the weights for decoding
 (auto: int8 weights and activations on the CPU for models whose matrices take over 32 MB, else the compute
 dtype); --compile (the default on a CPU) runs the decode steps through torch.compile, compiled at start.
@@ -100,6 +102,9 @@ class Replica:
         self.engine = Engine(model, tokenizer, decode_dtype, compile)
         self.device, self.max_context = model.get_device(), model.config.sequence_len
         self.max_batch, self.max_queue = max_batch or default_max_batch(model), max_queue
+        # a prefix cache of at most as many positions as the decode batch holds: the next turn of a conversation
+        # prefills only what its last prompt did not have (the reply and the new message)
+        self.engine.prefix_tokens = self.max_batch * self.max_context
         self.batch = DecodeBatch(self.engine, self.max_batch)
         if compile:
             log.info(f"replica {replica_id}: compiling the decode steps (10-60 s)")

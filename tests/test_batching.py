@@ -243,3 +243,44 @@ def test_a_failing_compile_falls_back_to_eager_decoding(tok):
     with pytest.warns(UserWarning, match="compiled decoding failed.*no working C"):
         got = alone(broken, prompt, 10, SETTINGS[1])
     assert broken.model.compiled_decode is None and got == alone(eager, prompt, 10, SETTINGS[1])
+
+
+class CountingTokens(torch.nn.Module):
+    """The model, recording how many positions each forward with a KV cache computes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.computed = model, model.config, []
+        self.get_device, self.new_kv_cache = model.get_device, model.new_kv_cache
+
+    def forward(self, idx, kv_cache=None):
+        self.computed.append(idx.size(1))
+        return self.model(idx, kv_cache=kv_cache)
+
+
+def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(tok):
+    """Engine(prefix_tokens=N), as serve.py runs it: a prompt that extends a stored one (the conversation's last
+    prompt, then its reply and a new message) copies the stored keys and values and computes only the rest, with
+    the logits and cache of a full prefill; stored prompts beyond N positions in all go, least recently used first."""
+    model = make_model(tok.get_vocab_size(), sequence_len=512)
+    counting = CountingTokens(model)
+    first = prompts_of(tok)[2]
+    second = first + tok.encode(" a reply, then the next question?")
+    plain, cached = Engine(model, tok), Engine(counting, tok, prefix_tokens=len(first) + len(second))
+    with torch.inference_mode():
+        cached.prefill(first)
+        logits, cache = cached.prefill(second)
+        assert counting.computed == [len(first), len(second) - len(first)]
+        expected_logits, expected_cache = plain.prefill(second)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.k_cache, expected_cache.k_cache, atol=1e-5, rtol=1e-5)
+    assert cache.lengths == [len(second)] and cache.prev_embedding is not None
+    assert list(cached.prefixes) == [tuple(first), tuple(second)]
+    third = prompts_of(tok)[1]
+    with torch.inference_mode():
+        cached.prefill(third)  # no room for all three: the least recently used goes
+    assert list(cached.prefixes) == [tuple(second), tuple(third)]
+    with torch.inference_mode():
+        cached.prefill(second + [5] * (len(first) + len(second)))  # longer than the whole cache: not stored
+    assert list(cached.prefixes) == [tuple(third), tuple(second)]  # the prefix it used is now the most recent
+    assert alone(cached, second, 12, SETTINGS[1]) == alone(plain, second, 12, SETTINGS[1])
