@@ -387,7 +387,7 @@ def add_decode_parser(sub):
     p.add_argument("--compare-with", default="", help="another checkout (e.g. `git worktree add /tmp/old f3ddfd2`): "
                    "its engine on the same weights, timed first in each round")
     p.add_argument("--compile", action="store_true", help="also time each dtype with compiled decode steps "
-                   "(Engine compile=True; the warm-up round compiles, 20-50 s a batch size)")
+                   "(Engine compile=True; the warm-up round compiles, 10-60 s a batch size on 2 cores)")
     p.add_argument("--stops", action="store_true", help="rows finish at random times: compare dropping finished "
                    "rows from the batch with keeping them (the reference), by useful tokens/s")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")

@@ -102,13 +102,13 @@ class Replica:
         self.engine = Engine(model, tokenizer, decode_dtype, compile)
         self.device, self.max_context = model.get_device(), model.config.sequence_len
         self.max_batch, self.max_queue = max_batch or default_max_batch(model), max_queue
-        # a prefix cache of at most as many positions as the decode batch holds: the next turn of a conversation
-        # prefills only what its last prompt did not have (the reply and the new message)
-        self.engine.prefix_tokens = self.max_batch * self.max_context
         self.batch = DecodeBatch(self.engine, self.max_batch)
         if compile:
             log.info(f"replica {replica_id}: compiling the decode steps (10-60 s)")
             self.batch.warm_up()
+        # a prefix cache of at most as many positions as the decode batch holds (set after the warm-up, which
+        # would store its prompt): the next turn of a conversation prefills only what its last prompt lacked
+        self.engine.prefix_tokens = self.max_batch * self.max_context
         self.waiting, self.wakeup = collections.deque(), threading.Condition()
         threading.Thread(target=self.run, name=f"replica-{replica_id}", daemon=True).start()
 
