@@ -16,6 +16,7 @@ import http.client
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import pathlib
 import resource
@@ -104,46 +105,96 @@ def train_step_fn(mod, args, device):
     return step, gpt
 
 
-def bench_train(args):
-    """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch. With
-    --compare-with DIR, the model.py of DIR trains too, its steps alternating with this one's, so that both
-    see the same load: the ratio of the medians holds on a busy machine where the absolute figures do not."""
-    device = torch.device(args.device_type or common.autodetect_device_type())
+def setup_train_process(args, device):
+    """Threads and allocator settings of a process that times training steps."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.no_keep_freed_memory:
         model.keep_freed_memory()  # what a CPU training script should do too (see model.keep_freed_memory)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runs = [("this", model)] + ([(args.compare_with, load_model_file(args.compare_with))] if args.compare_with else [])
-    steps = {name: train_step_fn(mod, args, device) for name, mod in runs}
-    gpt = steps["this"][1]
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def model_summary(gpt):
+    return dict(flops_per_token=gpt.estimate_flops(), n_embd=gpt.config.n_embd, n_head=gpt.config.n_head,
+                params=gpt.num_scaling_params()["total"], fp8_layers=getattr(gpt, "fp8_layers", 0),
+                chunked_loss=gpt.chunked_loss)
+
+
+def train_worker(folder, args, conn):
+    """The training steps of one checkout's model.py (folder None: this one) in a process of its own, driven by
+    bench_train --compare-with over a pipe: "step" -> the step's timings, "memory" -> peak GiB, "stop". Each
+    checkout gets its own heap: two models in one process made both ~40% slower (an identical copy of
+    model.py then trained at 0.90x of this one: the figures measured the allocator, not the code)."""
+    device = torch.device(args.device_type or common.autodetect_device_type())
+    setup_train_process(args, device)
+    step, gpt = train_step_fn(model if folder is None else load_model_file(folder), args, device)
+    conn.send(model_summary(gpt))
+    for command in iter(conn.recv, "stop"):
+        conn.send(step() if command == "step" else peak_memory_gib(device))
+
+
+def start_train_workers(folders, args):
+    """{name: pipe} of a train_worker per checkout, each started by spawning a fresh interpreter."""
+    context = multiprocessing.get_context("spawn")
+    pipes = {}
+    for name, folder in folders:
+        ours, theirs = context.Pipe()
+        context.Process(target=train_worker, args=(folder, args, theirs), daemon=True).start()
+        pipes[name] = ours
+    return pipes
+
+
+def bench_train(args):
+    """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch. With
+    --compare-with DIR, the model.py of DIR trains too, each checkout in a process of its own, their steps
+    alternating (in turns ABBA, so neither always follows the other), so that both see the same load: the ratio
+    of the medians holds on a busy machine where the absolute figures do not."""
+    device = torch.device(args.device_type or common.autodetect_device_type())
+    setup_train_process(args, device)
+    if args.compare_with:
+        load_model_file(args.compare_with)  # a clear error for a folder without model.py, before any worker starts
+        args.func = None  # the workers get the flags, not this function
+        pipes = start_train_workers([("this", None), (args.compare_with, args.compare_with)], args)
+        summary = {name: pipe.recv() for name, pipe in pipes.items()}["this"]
+        steps = {name: (lambda pipe=pipe: (pipe.send("step"), pipe.recv())[1]) for name, pipe in pipes.items()}
+    else:
+        step, gpt = train_step_fn(model, args, device)
+        summary, steps = model_summary(gpt), {"this": step}
+    runs = list(steps)
     B, T = args.device_batch_size, args.seq_len
-    flops_per_token = gpt.estimate_flops()
-    fp8 = f"{args.fp8_recipe} ({gpt.fp8_layers} layers)" if args.fp8 else "off"
-    print(f"model: depth {args.depth}, n_embd {gpt.config.n_embd}, {gpt.config.n_head} heads of {args.head_dim}, "
-          f"seq {T}, vocab {args.vocab_size}, window {args.window_pattern}; {gpt.num_scaling_params()['total']:,} "
+    flops_per_token = summary["flops_per_token"]
+    fp8 = f"{args.fp8_recipe} ({summary['fp8_layers']} layers)" if args.fp8 else "off"
+    print(f"model: depth {args.depth}, n_embd {summary['n_embd']}, {summary['n_head']} heads of {args.head_dim}, "
+          f"seq {T}, vocab {args.vocab_size}, window {args.window_pattern}; {summary['params']:,} "
           f"params, {flops_per_token / 1e6:.1f} MFLOP/token; batch {B} x {T} = {B * T:,} tokens/step; device {device}, "
           f"{torch.get_num_threads()} threads, dtype {model.COMPUTE_DTYPE}, compile {args.compile}, "
-          f"chunked loss {gpt.chunked_loss}, keep freed memory {not args.no_keep_freed_memory}, fp8 {fp8}")
+          f"chunked loss {summary['chunked_loss']}, keep freed memory {not args.no_keep_freed_memory}, fp8 {fp8}"
+          + (", one process per checkout" if args.compare_with else ""))
 
     ceiling_before = matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size)
     for i in range(args.warmup):
-        for name, _ in runs:
-            fb, opt, loss, cpu = steps[name][0]()
+        for name in runs:
+            fb, opt, loss, cpu = steps[name]()
             print(f"warm-up step {i} ({name}): {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s), "
                   f"loss {loss:.3f}")
-    times = {name: [] for name, _ in runs}
+    times = {name: [] for name in runs}
     for i in range(args.steps):
-        for name, _ in runs:  # alternating: A, B, A, B, ...
-            fb, opt, loss, cpu = steps[name][0]()
+        for name in runs if i % 2 == 0 else runs[::-1]:  # A, B, B, A, A, B, ...
+            fb, opt, loss, cpu = steps[name]()
             times[name].append((fb + opt, fb, opt, cpu))
             print(f"step {i} ({name}): {fb + opt:.2f} s (forward+backward {fb:.2f} s, optimizer {opt:.2f} s, "
                   f"{cpu:.2f} CPU s), loss {loss:.3f}")
     ceiling = max(ceiling_before, matmul_ceiling(device, model.COMPUTE_DTYPE, args.ceiling_size))  # load varies
     peak = common.get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
     results = {}
-    for name, _ in runs:
+    for name in runs:
         dt, fb, opt, cpu = (statistics.median(t[i] for t in times[name]) for i in range(4))
         tok_s = B * T / dt
         achieved = flops_per_token * tok_s / 1e9
@@ -152,13 +203,15 @@ def bench_train(args):
               f"over {len(times[name])} steps: {tok_s:,.0f} tokens/s, {achieved:.1f} GFLOP/s achieved{mfu}; matmul "
               f"ceiling {ceiling:.1f} GFLOP/s ({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it")
         results[name] = dict(tok_s=tok_s, cpu_s=cpu, mfu=100 * achieved * 1e9 / peak if peak != float("inf") else None)
-    if device.type == "cuda":
-        memory_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        memory = f"{memory_gib:.2f} GiB allocated on the GPU"
+    if args.compare_with:
+        memory = {name: (pipe.send("memory"), pipe.recv())[1] for name, pipe in pipes.items()}
+        for pipe in pipes.values():
+            pipe.send("stop")
+        memory_gib = memory["this"]
     else:
-        memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        memory = f"{memory_gib:.2f} GiB max RSS" + (" (both models)" if args.compare_with else "")
-    print(f"peak memory {memory}")
+        memory_gib = peak_memory_gib(device)
+    print(f"peak memory {memory_gib:.2f} GiB " + ("allocated on the GPU" if device.type == "cuda" else "max RSS") +
+          (f" ({args.compare_with}: {memory[args.compare_with]:.2f} GiB)" if args.compare_with else ""))
     if args.compare_with:
         other = results[args.compare_with]
         print(f"this / {args.compare_with}: {results['this']['tok_s'] / other['tok_s']:.3f}x tokens/s (medians of "

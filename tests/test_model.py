@@ -191,6 +191,25 @@ def test_chunked_loss_equals_plain_cross_entropy():
         torch.testing.assert_close(gpt(idx, targets, loss_reduction="sum"), manual.sum())
 
 
+def test_relu_squared_gives_autograds_values_and_gradients_bit_for_bit():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 17, 64).to(dtype)
+        x[0, 0, :4] = 0.0  # the relu's edge
+        upstream = torch.randn(3, 17, 64).to(dtype)
+        results = []
+        for fn in (model.relu_squared, lambda t: F.relu(t).square()):
+            leaf = x.clone().requires_grad_()
+            y = fn(leaf)
+            y.backward(upstream)
+            results.append((y.detach(), leaf.grad))
+        (y1, g1), (y2, g2) = results
+        assert torch.equal(y1, y2) and torch.equal(g1, g2), dtype
+        assert g1[x <= 0].eq(0).all()
+    with torch.no_grad():  # inference takes the plain ops, no autograd Function
+        assert torch.equal(model.relu_squared(x), F.relu(x).square())
+
+
 def test_softcap_cross_entropy_in_many_chunks():
     torch.manual_seed(0)
     x = torch.randn(50, 16, requires_grad=True)
