@@ -136,8 +136,9 @@ def train_worker(folder, args, conn):
     setup_train_process(args, device)
     step, gpt = train_step_fn(model if folder is None else load_model_file(folder), args, device)
     conn.send(model_summary(gpt))
-    for command in iter(conn.recv, "stop"):
-        conn.send(step() if command == "step" else peak_memory_gib(device))
+    with contextlib.suppress(EOFError):  # the parent went away (the other checkout failed): nothing to report
+        for command in iter(conn.recv, "stop"):
+            conn.send(step() if command == "step" else peak_memory_gib(device))
 
 
 def start_train_workers(folders, args):
@@ -151,6 +152,14 @@ def start_train_workers(folders, args):
     return pipes
 
 
+def receive(pipe, name):
+    """The next message of the train_worker of checkout `name`; one line when it has died (its traceback above)."""
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise SystemExit(f"bench.py: the training process of {name} exited; its error is printed above") from None
+
+
 def bench_train(args):
     """Steady-state training throughput: forward + backward + optimizer step on a fixed random batch. With
     --compare-with DIR, the model.py of DIR trains too, each checkout in a process of its own, their steps
@@ -162,8 +171,9 @@ def bench_train(args):
         load_model_file(args.compare_with)  # a clear error for a folder without model.py, before any worker starts
         args.func = None  # the workers get the flags, not this function
         pipes = start_train_workers([("this", None), (args.compare_with, args.compare_with)], args)
-        summary = {name: pipe.recv() for name, pipe in pipes.items()}["this"]
-        steps = {name: (lambda pipe=pipe: (pipe.send("step"), pipe.recv())[1]) for name, pipe in pipes.items()}
+        summary = {name: receive(pipe, name) for name, pipe in pipes.items()}["this"]
+        steps = {name: (lambda pipe=pipe, name=name: (pipe.send("step"), receive(pipe, name))[1])
+                 for name, pipe in pipes.items()}
     else:
         step, gpt = train_step_fn(model, args, device)
         summary, steps = model_summary(gpt), {"this": step}
@@ -204,7 +214,7 @@ def bench_train(args):
               f"ceiling {ceiling:.1f} GFLOP/s ({model.COMPUTE_DTYPE}) -> {100 * achieved / ceiling:.0f}% of it")
         results[name] = dict(tok_s=tok_s, cpu_s=cpu, mfu=100 * achieved * 1e9 / peak if peak != float("inf") else None)
     if args.compare_with:
-        memory = {name: (pipe.send("memory"), pipe.recv())[1] for name, pipe in pipes.items()}
+        memory = {name: (pipe.send("memory"), receive(pipe, name))[1] for name, pipe in pipes.items()}
         for pipe in pipes.values():
             pipe.send("stop")
         memory_gib = memory["this"]

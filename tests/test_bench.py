@@ -1,4 +1,5 @@
-"""bench.py train on the CPU with a tiny model: --compare-with trains another checkout's model.py in the same run."""
+"""bench.py train on the CPU with a tiny model: --compare-with trains another checkout's model.py in the same run,
+each checkout in a process of its own."""
 import shutil
 import subprocess
 import sys
@@ -23,3 +24,15 @@ def test_train_compare_with_alternates_two_checkouts(tmp_path):
     missing = subprocess.run([sys.executable, "bench.py", "train", "--compare-with", str(tmp_path / "nothing")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no model.py in" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_train_compare_with_a_checkout_that_fails_ends_with_one_line(tmp_path):
+    (tmp_path / "model.py").write_text("def config_for_depth(*args, **kwargs):\n    raise ValueError('cannot build')\n")
+    proc = subprocess.run([sys.executable, "bench.py", "train", "--depth", "1", "--seq-len", "32",
+                           "--device-batch-size", "2", "--vocab-size", "256", "--steps", "1", "--threads", "1",
+                           "--ceiling-size", "64", "--compare-with", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.rstrip().splitlines()[-1] == \
+        f"bench.py: the training process of {tmp_path} exited; its error is printed above"
+    assert "ValueError: cannot build" in proc.stderr and "EOFError" not in proc.stderr
