@@ -66,10 +66,10 @@ case "$PRESET" in
     # d3 at width 192 and context 512 reached a lower val bpb in 1100 steps (8 min) than d4 (2048-token steps)
     # or d2 (8192-token steps) in theirs (measured with vocab 4096: 2.47 vs 2.68 and 2.51). Vocab 8192 makes a
     # step ~1.25x as long but learns far more per step: in the same time, 870 steps reached 2.31 against 1100
-    # steps' 2.47 (vocab 2048: worse, 2.83 vs 2.68 at step 550). 800 steps leave room in the 15 minutes for SFT
-    # and RL, whose steps the vocab lengthens too. They read ~3.3M tokens, and 8 train shards (~36M characters,
-    # ~10M tokens) hold them with room to spare: --keep-rest packs the rest of every long document into later
-    # rows, so no token repeats
+    # steps' 2.47 (vocab 2048: worse, 2.83 vs 2.68 at step 550). 800 steps (2.33) give some of that time back to
+    # SFT and RL, whose steps the vocab lengthens too. They read ~3.3M tokens, and 8 train shards (~36M
+    # characters, ~10M tokens) hold them with room to spare: --keep-rest packs the rest of every long document
+    # into later rows, so no token repeats
     DEPTH="${DEPTH:-3}"; SHARDS=8
     TOK="--vocab-size 8192 --max-chars 20000000"
     # 4x the reference LRs: with under a thousand small steps, the batch-size scaling alone learns too slowly
@@ -79,9 +79,9 @@ case "$PRESET" in
     BASE_EVAL="--max-per-task 8 --split-tokens 32768 --device-batch-size 8"
     # a skill a 3-layer model can learn: SpellingBee answered by the calculator call ' word'.count('letter') and
     # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's;
-    # with vocab 8192, one epoch with 6000 SpellingBee examples answered 27 of the 32 eval questions (3000: 18,
-    # 12000: 28), and leaves RL room to sharpen its sampled answers; 1000 GSM8K conversations teach that format
-    # (the model solves none with 2000 either) in fewer steps
+    # with vocab 8192, one epoch with 6000 SpellingBee examples answered 27 of the 32 eval questions from an
+    # 870-step base model (3000: 18, 12000: 28), and leaves RL room to sharpen its sampled answers; 1000 GSM8K
+    # conversations teach that format in fewer steps (the model solves none with 2000 either)
     SFT="--eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
       --smoltalk-epochs 1 --identity-epochs 1 --gsm8k-epochs 1 --gsm8k-size 1000 --simple-spelling-size 0
       --spelling-bee-size 6000 --spelling-bee-style short --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
