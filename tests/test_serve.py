@@ -380,7 +380,7 @@ def test_dropped_client_frees_its_replica(server, models):
 # ---- the command line ----
 
 def test_command_line_serves_a_checkpoint_and_explains_a_missing_one(base_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["serve.py"])
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--port", "0"])  # any free port: 8000 may be taken here
     with pytest.raises(NanochatError) as missing:  # a SystemExit: the script prints its message and exits 1
         serve.main()
     assert "sft.py" in str(missing.value) and "\n" not in str(missing.value)
