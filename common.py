@@ -2136,14 +2136,15 @@ def quote(text, rng):
 
 class SpellingBee(AnswerGraded, Task):
     """'How many r in strawberry?' answered by spelling the word out, counting, then checking with a
-    python call; ends with '#### N' and is graded like GSM8K. style="short" answers with the call alone,
-    its result copied into '#### N': two copies a tiny model can learn where it cannot learn to spell."""
+    python call; ends with '#### N' and is graded like GSM8K. A share `short_frac` of the answers is the
+    call alone, its result copied into '#### N': two copies a tiny model can learn where it cannot learn
+    to spell. Which example is short is drawn from its own RNG, so it does not change with the share."""
 
-    def __init__(self, size=1000, split="train", style="reasoned", **slice_kw):
+    def __init__(self, size=1000, split="train", short_frac=0.0, **slice_kw):
         assert split in ("train", "test"), split
-        assert style in ("reasoned", "short"), style
+        assert 0.0 <= short_frac <= 1.0, short_frac
         super().__init__(**slice_kw)
-        self.size, self.split, self.style, self.words = size, split, style, load_words()
+        self.size, self.split, self.short_frac, self.words = size, split, short_frac, load_words()
 
     def num_examples(self):
         return self.size
@@ -2157,13 +2158,14 @@ class SpellingBee(AnswerGraded, Task):
         question = rng.choice(SPELLING_TEMPLATES).format(letter=quote(letter, rng), word=quote(word, rng))
         question = question.lower() if rng.random() < 0.3 else question
         question += "?" if rng.random() < 0.5 else ""
+        short = rng.random() < self.short_frac  # drawn last: the question is the same for any share
         # short: the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
         # the question's tokens one for one: ' strawberry' is [' stra', 'w', 'ber', 'ry'] as in the question,
         # while 'strawberry' is ["'s", 't', 'ra', ...], a respelling a tiny model gets wrong
-        quoted = f"' {word}'" if self.style == "short" else f"'{word}'"
+        quoted = f"' {word}'" if short else f"'{word}'"
         call = [{"type": "python", "text": f"{quoted}.count('{letter}')"},
                 {"type": "python_output", "text": str(count)}]
-        if self.style == "short":
+        if short:
             parts = call + [{"type": "text", "text": f"\n\n#### {count}"}]
             return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
         walk, running = [], 0

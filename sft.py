@@ -61,10 +61,13 @@ def parse_args(argv=None):
     g.add_argument("--gsm8k-epochs", type=int_flag(0), default=4, help="GSM8K train passes")
     g.add_argument("--identity-epochs", type=int_flag(0), default=2, help="identity conversation passes")
     g.add_argument("--identity-path", default=None, help="identity chats jsonl, path or URL (None = nanochat's)")
+    g.add_argument("--identity-size", type=int_flag(1, never=True), default=-1,
+                   help="identity conversations per pass (-1 = all)")
     g.add_argument("--simple-spelling-size", type=int_flag(0), default=200_000, help="SimpleSpelling examples")
     g.add_argument("--spelling-bee-size", type=int_flag(0), default=80_000, help="SpellingBee examples")
-    g.add_argument("--spelling-bee-style", default="reasoned", choices=["reasoned", "short"],
-                   help="SpellingBee answers: spell, count, check with python; or the python call alone")
+    g.add_argument("--spelling-bee-short-frac", type=float_flag(0, 1), default=0.0,
+                   help="share of SpellingBee answers that are the python call alone; the rest spell, count, "
+                        "then check with python")
     g.add_argument("--gsm8k-size", type=int_flag(1, never=True), default=-1,
                    help="GSM8K train problems per pass (-1 = all 7473)")
     return p.parse_args(argv)
@@ -88,12 +91,13 @@ def build_train_mixture(args):
         stop = args.gsm8k_size if args.gsm8k_size > 0 else None
         tasks += [GSM8K(subset="main", split="train", stop=stop)] * args.gsm8k_epochs
     if args.identity_epochs > 0:
-        identity = CustomJSON(args.identity_path) if args.identity_path else CustomJSON()
+        stop = args.identity_size if args.identity_size > 0 else None
+        identity = CustomJSON(args.identity_path, stop=stop) if args.identity_path else CustomJSON(stop=stop)
         tasks += [identity] * args.identity_epochs
     if args.simple_spelling_size > 0:
         tasks.append(SimpleSpelling(size=args.simple_spelling_size, split="train"))
     if args.spelling_bee_size > 0:
-        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train", style=args.spelling_bee_style))
+        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train", short_frac=args.spelling_bee_short_frac))
     if not tasks:
         raise NanochatError("the SFT mixture is empty: give at least one task a non-zero epoch count or size")
     return TaskMixture(tasks)

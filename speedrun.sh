@@ -66,29 +66,32 @@ case "$PRESET" in
     # d3 at width 192 and context 512 reached a lower val bpb in 1100 steps (8 min) than d4 (2048-token steps)
     # or d2 (8192-token steps) in theirs (measured with vocab 4096: 2.47 vs 2.68 and 2.51). Vocab 8192 makes a
     # step ~1.25x as long but learns far more per step: in the same time, 870 steps reached 2.31 against 1100
-    # steps' 2.47 (vocab 2048: worse, 2.83 vs 2.68 at step 550). 800 steps (2.33) give some of that time back to
-    # SFT and RL, whose steps the vocab lengthens too. They read ~3.3M tokens, and 8 train shards (~36M
-    # characters, ~10M tokens) hold them with room to spare: --keep-rest packs the rest of every long document
-    # into later rows, so no token repeats
+    # steps' 2.47 (vocab 2048: worse, 2.83 vs 2.68 at step 550). 650 steps (2.35; 800 reached 2.33) keep the
+    # whole demo inside 15 minutes. They read ~2.7M tokens, and 8 train shards (~36M characters, ~10M tokens)
+    # hold them with room to spare: --keep-rest packs the rest of every long document into later rows, so no
+    # token repeats
     DEPTH="${DEPTH:-3}"; SHARDS=8
     TOK="--vocab-size 8192 --max-chars 20000000"
     # 4x the reference LRs: with under a thousand small steps, the batch-size scaling alone learns too slowly
     PRETRAIN="--depth $DEPTH --head-dim 64 --max-seq-len 512 --device-batch-size 8 --total-batch-size 4096
-      --num-iterations 800 --keep-rest --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2
+      --num-iterations 650 --keep-rest --window-pattern L --warmup-steps 10 --matrix-lr 0.08 --embedding-lr 1.2
       --unembedding-lr 0.032 --scalar-lr 2 --eval-every 200 --eval-tokens 32768 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 8 --split-tokens 32768 --device-batch-size 8"
     # a skill a 3-layer model can learn: SpellingBee answered by the calculator call ' word'.count('letter') and
     # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's;
     # with vocab 8192, one epoch with 6000 SpellingBee examples answered 27 of the 32 eval questions from an
     # 870-step base model (3000: 18, 12000: 28), and leaves RL room to sharpen its sampled answers; 1000 GSM8K
-    # conversations teach that format in fewer steps (the model solves none with 2000 either)
-    SFT="--eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0
-      --smoltalk-epochs 1 --identity-epochs 1 --gsm8k-epochs 1 --gsm8k-size 1000 --simple-spelling-size 0
-      --spelling-bee-size 6000 --spelling-bee-style short --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
-    # RL where this model earns reward: SpellingBee (GSM8K is out of its reach). A 3x Muon LR (0.06) reached
-    # higher rewards than the default from both SFT mixtures tried; 5x and 7.5x, or all LRs doubled, less
+    # conversations teach that format in fewer steps (the model solves none with 2000 either), and 300 of the
+    # ~1000 identity conversations (470 tokens each, 40% of the mixture when all are in) teach who it is
+    SFT="--eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0 --smoltalk-epochs 1
+      --identity-epochs 1 --identity-size 300 --gsm8k-epochs 1 --gsm8k-size 1000 --simple-spelling-size 0
+      --spelling-bee-size 6000 --spelling-bee-short-frac 1 --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
+    # RL where this model earns reward: SpellingBee (GSM8K is out of its reach), at the default LRs: from this
+    # SFT mixture a 2x or 3x Muon LR drifted down (reward 0.70 -> 0.61 at 3x), and so did 100 steps of 8
+    # questions. The reward stays near its start (~0.65): RL sharpens little at this size (greedy SpellingBee
+    # rose in three runs from this preset's SFT model, 0.66 -> 0.72-0.78, and fell in three from a stronger one)
     RL="--task spellingbee --num-iterations 50 --examples-per-step 16 --num-samples 8 --device-batch-size 8
-      --max-new-tokens 32 --matrix-lr 0.06 --eval-every 50 --eval-examples 48"
+      --max-new-tokens 32 --eval-every 50 --eval-examples 48"
     CHAT_EVAL="--max-problems 32 --max-new-tokens 64" ;;
   micro)
     DEPTH="${DEPTH:-2}"; SHARDS=1
@@ -97,7 +100,7 @@ case "$PRESET" in
       --keep-rest --window-pattern L --eval-every 10 --eval-tokens 2048 --core-metric-every -1 --sample-every -1"
     BASE_EVAL="--max-per-task 2 --split-tokens 2048 --device-batch-size 4"
     SFT="--num-iterations 10 --eval-every 5 --eval-tokens 2048 --chatcore-every -1 --mmlu-epochs 0
-      --gsm8k-size 200 --simple-spelling-size 0 --spelling-bee-size 2000 --spelling-bee-style short"
+      --gsm8k-size 200 --simple-spelling-size 0 --spelling-bee-size 2000 --spelling-bee-short-frac 1"
     RL="--task spellingbee --num-iterations 3 --examples-per-step 2 --num-samples 2 --device-batch-size 2
       --max-new-tokens 16 --eval-every 3 --eval-examples 2"
     CHAT_EVAL="--max-problems 2 --max-new-tokens 16" ;;

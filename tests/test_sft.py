@@ -137,11 +137,11 @@ def test_two_processes_train_and_resume_exactly(tmp_path_factory, http_mirror, t
 
 
 def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, monkeypatch):
-    """--spelling-bee-style short: the reply is the calculator call, its output and '#### N', nothing else;
+    """--spelling-bee-short-frac 1: the reply is the calculator call, its output and '#### N', nothing else;
     the call the engine runs gives N, so copying it into the answer is graded correct."""
     from common import SpellingBee, extract_answer, use_calculator
     monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
-    short, reasoned = SpellingBee(size=20, style="short"), SpellingBee(size=20)
+    short, reasoned = SpellingBee(size=20, short_frac=1.0), SpellingBee(size=20)
     for i in range(20):
         parts = short[i]["messages"][-1]["content"]
         assert [p["type"] for p in parts] == ["python", "python_output", "text"]
@@ -155,19 +155,36 @@ def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, mo
         # the same question and answer as the reasoned style, only the reply differs
         assert short[i]["messages"][0] == reasoned[i]["messages"][0]
         assert extract_answer(reasoned[i]["messages"][-1]["content"][-1]["text"]) == parts[1]["text"]
+        assert reasoned[i]["messages"][-1]["content"][0]["text"].startswith("We need to count")
 
 
-def test_mixture_flags_pick_the_style_and_the_gsm8k_share(shared_data, base_dir, monkeypatch):
+def test_short_frac_mixes_the_two_answers_over_the_same_questions(shared_data, monkeypatch):
+    """A share of short answers: about that share of the examples is short, the questions do not change
+    with it, and a larger share keeps every example a smaller one made short."""
+    from common import SpellingBee
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
+    def short_ones(frac, n=1000):
+        bee = SpellingBee(size=n, short_frac=frac)
+        return {i for i in range(n) if bee[i]["messages"][-1]["content"][0]["type"] == "python"}, bee
+    third, bee_third = short_ones(0.3)
+    half, bee_half = short_ones(0.5)
+    assert 250 < len(third) < 350 and 450 < len(half) < 550 and third < half
+    assert all(bee_third[i]["messages"][0] == bee_half[i]["messages"][0] for i in range(1000))
+    assert short_ones(0.0)[0] == set() and len(short_ones(1.0)[0]) == 1000
+
+
+def test_mixture_flags_pick_the_style_and_the_shares(shared_data, base_dir, monkeypatch):
     from sft import build_train_mixture, parse_args
     monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
-    args = parse_args(["--mmlu-epochs", "0", "--smoltalk-epochs", "0", "--identity-epochs", "0",
-                       "--simple-spelling-size", "0", "--spelling-bee-size", "50", "--spelling-bee-style", "short",
-                       "--gsm8k-epochs", "2", "--gsm8k-size", "30"])
+    args = parse_args(["--mmlu-epochs", "0", "--smoltalk-epochs", "0", "--identity-epochs", "2",
+                       "--identity-size", "7", "--simple-spelling-size", "0", "--spelling-bee-size", "50",
+                       "--spelling-bee-short-frac", "1", "--gsm8k-epochs", "2", "--gsm8k-size", "30"])
     mixture = build_train_mixture(args)
-    assert len(mixture) == 50 + 2 * 30
-    kinds = [type(mixture[i]["messages"][-1]["content"]).__name__ for i in range(len(mixture))]
+    assert len(mixture) == 50 + 2 * 30 + 2 * 7
     replies = [mixture[i]["messages"][-1]["content"] for i in range(len(mixture))]
     short = [r for r in replies if isinstance(r, list) and r[0]["type"] == "python"]
-    assert len(short) == 50 and kinds.count("list") == len(mixture)  # GSM8K replies are parts too
+    assert len(short) == 50 and sum(isinstance(r, list) for r in replies) == 50 + 2 * 30  # GSM8K's are parts
+    identity = [mixture[i]["messages"][0]["content"] for i in range(len(mixture)) if isinstance(replies[i], str)]
+    assert len(identity) == 14 and len(set(identity)) <= 7  # the first 7 conversations, twice
     with pytest.raises(SystemExit):
-        parse_args(["--spelling-bee-style", "long"])
+        parse_args(["--spelling-bee-short-frac", "1.5"])

@@ -179,5 +179,5 @@ def test_preset_flags_parse_in_every_stage(preset):
         return
     assert args.keep_rest
     args = sft.parse_args(flags["SFT"])
-    assert args.spelling_bee_style == "short" and args.spelling_bee_size > 0 and args.simple_spelling_size == 0
+    assert args.spelling_bee_short_frac > 0 and args.spelling_bee_size > 0 and args.simple_spelling_size == 0
     assert rl.parse_args(flags["RL"]).task == "spellingbee"
