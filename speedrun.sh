@@ -62,7 +62,7 @@ case "$PRESET" in
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576 $FP8"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
-  cpu)  # 17-18 min measured on an idle 2-core machine: ~9 of pretraining, ~3 of SFT, ~2.5 of RL, evals on a sample
+  cpu)  # 14.5 min measured on an idle 2-core machine: ~7.5 of pretraining, ~2.5 of SFT, ~2.5 of RL, evals on a sample
     # d3 at width 192 and context 512 reached a lower val bpb in 1100 steps (8 min) than d4 (2048-token steps)
     # or d2 (8192-token steps) in theirs (measured with vocab 4096: 2.47 vs 2.68 and 2.51). Vocab 8192 makes a
     # step ~1.25x as long but learns far more per step: in the same time, 870 steps reached 2.31 against 1100
@@ -80,16 +80,16 @@ case "$PRESET" in
     # a skill a 3-layer model can learn: SpellingBee answered by the calculator call ' word'.count('letter') and
     # its result copied into '#### N' (it cannot learn to spell), plus the chat format and some of GSM8K's;
     # with vocab 8192, one epoch with 6000 SpellingBee examples answered 27 of the 32 eval questions from an
-    # 870-step base model (3000: 18, 12000: 28), and leaves RL room to sharpen its sampled answers; 1000 GSM8K
-    # conversations teach that format in fewer steps (the model solves none with 2000 either), and 300 of the
-    # ~1000 identity conversations (470 tokens each, 40% of the mixture when all are in) teach who it is
+    # 870-step base model (3000: 18, 12000: 28) and 22 from this preset's 650 steps; 1000 GSM8K conversations
+    # teach that format in fewer steps (the model solves none with 2000 either), and 300 of the ~1000 identity
+    # conversations (470 tokens each, 40% of the mixture when all are in) teach who it is
     SFT="--eval-every 200 --eval-tokens 32768 --chatcore-every -1 --mmlu-epochs 0 --smoltalk-epochs 1
       --identity-epochs 1 --identity-size 300 --gsm8k-epochs 1 --gsm8k-size 1000 --simple-spelling-size 0
       --spelling-bee-size 6000 --spelling-bee-short-frac 1 --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     # RL where this model earns reward: SpellingBee (GSM8K is out of its reach), at the default LRs: from this
     # SFT mixture a 2x or 3x Muon LR drifted down (reward 0.70 -> 0.61 at 3x), and so did 100 steps of 8
     # questions. The reward stays near its start (~0.65): RL sharpens little at this size (greedy SpellingBee
-    # rose in three runs from this preset's SFT model, 0.66 -> 0.72-0.78, and fell in three from a stronger one)
+    # rose in three runs from a 650-step base's SFT model, 0.66 -> 0.72-0.78, and fell in three from an 800-step one)
     RL="--task spellingbee --num-iterations 50 --examples-per-step 16 --num-samples 8 --device-batch-size 8
       --max-new-tokens 32 --eval-every 50 --eval-examples 48"
     CHAT_EVAL="--max-problems 32 --max-new-tokens 64" ;;
