@@ -2160,8 +2160,8 @@ class SpellingBee(AnswerGraded, Task):
         question += "?" if rng.random() < 0.5 else ""
         short = rng.random() < self.short_frac  # drawn last: the question is the same for any share
         # short: the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
-        # the question's tokens one for one: ' strawberry' is [' stra', 'w', 'ber', 'ry'] as in the question,
-        # while 'strawberry' is ["'s", 't', 'ra', ...], a respelling a tiny model gets wrong
+        # the question's tokens one for one: with the demo's vocab 8192, ' strawberry' is [' straw', 'berry'] as
+        # in the question, while 'strawberry' is ["'s", 'tra', 'w', 'berry'], a respelling a tiny model gets wrong
         quoted = f"' {word}'" if short else f"'{word}'"
         call = [{"type": "python", "text": f"{quoted}.count('{letter}')"},
                 {"type": "python_output", "text": str(count)}]

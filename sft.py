@@ -97,7 +97,8 @@ def build_train_mixture(args):
     if args.simple_spelling_size > 0:
         tasks.append(SimpleSpelling(size=args.simple_spelling_size, split="train"))
     if args.spelling_bee_size > 0:
-        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train", short_frac=args.spelling_bee_short_frac))
+        tasks.append(SpellingBee(size=args.spelling_bee_size, split="train",
+                                 short_frac=args.spelling_bee_short_frac))
     if not tasks:
         raise NanochatError("the SFT mixture is empty: give at least one task a non-zero epoch count or size")
     return TaskMixture(tasks)
