@@ -2134,6 +2134,20 @@ def quote(text, rng):
     return rng.choice(["{}", "'{}'", '"{}"']).format(text)
 
 
+def short_call_literal(word, word_text, template):
+    """The string literal of a short answer's call, written so that the word in it has the question's tokens,
+    one for one: a tiny model can copy tokens, but not respell a word into other tokens. The pre-tokenizer
+    splits ' "strawberry"' into ' "' + 'strawberry' and ' strawberry' into one piece, whose BPE tokens differ
+    (vocab 8192: ['stra', 'w', 'berry'] against [' straw', 'berry']), while a literal at the start of a call
+    is split like the question's text only when it begins with a space. So: a quoted word keeps its quotes
+    after a space (the calculator strips it), a word after a space keeps the space inside the quotes, and a
+    word the question starts with (no space before it) is quoted after a space."""
+    if word_text != word:
+        return " " + word_text
+    at = template.index("{word}")
+    return f"' {word}'" if at > 0 and template[at - 1] == " " else f" '{word}'"
+
+
 class SpellingBee(AnswerGraded, Task):
     """'How many r in strawberry?' answered by spelling the word out, counting, then checking with a
     python call; ends with '#### N' and is graded like GSM8K. A share `short_frac` of the answers is the
@@ -2155,15 +2169,14 @@ class SpellingBee(AnswerGraded, Task):
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         count = word.count(letter)
-        question = rng.choice(SPELLING_TEMPLATES).format(letter=quote(letter, rng), word=quote(word, rng))
+        template = rng.choice(SPELLING_TEMPLATES)
+        letter_text, word_text = quote(letter, rng), quote(word, rng)
+        question = template.format(letter=letter_text, word=word_text)
         question = question.lower() if rng.random() < 0.3 else question
         question += "?" if rng.random() < 0.5 else ""
         short = rng.random() < self.short_frac  # drawn last: the question is the same for any share
-        # short: the word keeps the space before it in most questions ("... in strawberry"), so the call repeats
-        # the question's tokens one for one: with the demo's vocab 8192, ' strawberry' is [' straw', 'berry'] as
-        # in the question, while 'strawberry' is ["'s", 'tra', 'w', 'berry'], a respelling a tiny model gets wrong
-        quoted = f"' {word}'" if short else f"'{word}'"
-        call = [{"type": "python", "text": f"{quoted}.count('{letter}')"},
+        literal = short_call_literal(word, word_text, template) if short else f"'{word}'"
+        call = [{"type": "python", "text": f"{literal}.count('{letter}')"},
                 {"type": "python_output", "text": str(count)}]
         if short:
             parts = call + [{"type": "text", "text": f"\n\n#### {count}"}]

@@ -1,4 +1,5 @@
 """sft.py: best-fit packing with truncation to the row, NaN-free loss, exact resume, clear errors."""
+import ast
 import math
 import types
 
@@ -145,9 +146,8 @@ def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, mo
     for i in range(20):
         parts = short[i]["messages"][-1]["content"]
         assert [p["type"] for p in parts] == ["python", "python_output", "text"]
-        word, letter = parts[0]["text"].split("'")[1], parts[0]["text"].split("'")[3]
-        assert word == " " + word.strip()  # the question's token for the word, space included
-        word = word.strip()
+        literal, letter = parts[0]["text"].removesuffix("')").split(".count('")
+        word = ast.literal_eval(literal.strip()).strip()
         assert word in short[i]["messages"][0]["content"]
         assert use_calculator(parts[0]["text"]) == parts[1]["text"] == str(word.count(letter))
         assert parts[2]["text"] == f"\n\n#### {parts[1]['text']}"
@@ -156,6 +156,24 @@ def test_short_spelling_bee_is_the_call_and_its_result(shared_data, base_dir, mo
         assert short[i]["messages"][0] == reasoned[i]["messages"][0]
         assert extract_answer(reasoned[i]["messages"][-1]["content"][-1]["text"]) == parts[1]["text"]
         assert reasoned[i]["messages"][-1]["content"][0]["text"].startswith("We need to count")
+
+
+def test_short_call_repeats_the_questions_tokens_for_the_word(shared_data, monkeypatch):
+    """The word in a short answer's call is the question's own tokens for it, one for one, in nearly every
+    example (quoted or bare, after a space or at the start); writing it the one way, ' word', would respell
+    most of them (quoted words are split apart from their space by the pre-tokenizer)."""
+    from common import SpellingBee, Tokenizer
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(shared_data))
+    bee = SpellingBee(size=600, short_frac=1.0)
+    examples = [bee[i]["messages"] for i in range(len(bee))]
+    tok = Tokenizer.train(iter([m[0]["content"] for m in examples] * 3), 1024)
+    def word_tokens_in_question(question, literal):
+        word_ids = [t for t in tok.encode(literal) if tok.decode([t]).strip(" '\"")]  # the quotes dropped
+        return f",{','.join(map(str, word_ids))}," in f",{','.join(map(str, tok.encode(question)))},"
+    calls = [(m[0]["content"], m[1]["content"][0]["text"].split(".count(")[0]) for m in examples]
+    kept = sum(word_tokens_in_question(q, literal) for q, literal in calls)
+    respelled = sum(word_tokens_in_question(q, f"' {ast.literal_eval(literal.strip()).strip()}'") for q, literal in calls)
+    assert kept >= 0.9 * len(calls) and respelled < 0.5 * len(calls), (kept, respelled)
 
 
 def test_short_frac_mixes_the_two_answers_over_the_same_questions(shared_data, monkeypatch):
