@@ -11,7 +11,7 @@
 #
 # Presets: gpu8 = the GPT-2-grade recipe on 8 GPUs (d24, ratio 8, device batch 16, 1M-token batches;
 # CORE target 0.256525); gpu = the same model on fewer GPUs (gradient accumulation, device batch auto);
-# cpu = a demo whose whole pipeline takes ~15 min on 2 cores: every stage shows its effect, and it ends by
+# cpu = a demo whose whole pipeline takes 11-15 min on 2 cores: every stage shows its effect, and it ends by
 # answering "How many r are in strawberry?" with a calculator call;
 # micro = a few-minute smoke test (CI).
 # Each stage's log is $NANOCHAT_BASE_DIR/speedrun/<stage>.log; a finished stage leaves <stage>.done there,
@@ -62,7 +62,7 @@ case "$PRESET" in
     TOK="--vocab-size 32768 --max-chars 2000000000"
     PRETRAIN="--depth $DEPTH --target-param-data-ratio 8 --device-batch-size $BATCH --total-batch-size 1048576 $FP8"
     BASE_EVAL="--device-batch-size 16"; SFT=""; RL=""; CHAT_EVAL="" ;;
-  cpu)  # 14.5-15 min measured on an idle 2-core machine: ~7.5 of pretraining, ~2.5 of SFT, ~2.5 of RL, evals
+  cpu)  # 11-15 min measured on an idle 2-core machine: 6.5-7.5 of pretraining, 1.5-2.5 each of SFT and RL, evals
     # d3 at width 192 and context 512 reached a lower val bpb in 1100 steps (8 min) than d4 (2048-token steps)
     # or d2 (8192-token steps) in theirs (measured with vocab 4096: 2.47 vs 2.68 and 2.51). Vocab 8192 makes a
     # step ~1.25x as long but learns far more per step: in the same time, 870 steps reached 2.31 against 1100
@@ -88,7 +88,7 @@ case "$PRESET" in
       --identity-epochs 1 --identity-size 300 --gsm8k-epochs 1 --gsm8k-size 1000 --simple-spelling-size 0
       --spelling-bee-size 6000 --spelling-bee-short-frac 1 --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.008"
     # RL where this model earns reward: SpellingBee (GSM8K is out of its reach), at the default LRs, 40 steps (50
-    # took 25 s more and ended the same). The reward stays near its start (~0.75 from this SFT mixture): RL
+    # took 25 s more and ended about the same). The reward stays near its start (~0.75 from this SFT mixture): RL
     # sharpens little at this size, though greedy answers got better (25 -> 27 of 32). 2x the LRs drifted
     # down (0.74 -> 0.69) and so did 8 questions of 16 samples a step (0.76 -> 0.75); sampling at temperature
     # 1.3-1.5 starts lower (0.25-0.39) but rose 1.2-1.4x and left greedy answers no better
