@@ -172,7 +172,8 @@ def test_short_call_repeats_the_questions_tokens_for_the_word(shared_data, monke
         return f",{','.join(map(str, word_ids))}," in f",{','.join(map(str, tok.encode(question)))},"
     calls = [(m[0]["content"], m[1]["content"][0]["text"].split(".count(")[0]) for m in examples]
     kept = sum(word_tokens_in_question(q, literal) for q, literal in calls)
-    respelled = sum(word_tokens_in_question(q, f"' {ast.literal_eval(literal.strip()).strip()}'") for q, literal in calls)
+    respelled = sum(word_tokens_in_question(q, f"' {ast.literal_eval(literal.strip()).strip()}'")
+                    for q, literal in calls)
     assert kept >= 0.9 * len(calls) and respelled < 0.5 * len(calls), (kept, respelled)
 
 
